@@ -1,0 +1,1 @@
+"""Fine-tuning data preparation scripts (metadata, tags, bucket latents)."""

@@ -1,0 +1,1 @@
+"""Shared library of the SD training toolkit (models, datasets, training core)."""

@@ -1,0 +1,65 @@
+"""Atomic file writing: outputs are written to a temp file and renamed into place.
+
+An existing output is therefore never left half-overwritten when a save is interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+@contextlib.contextmanager
+def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it replaces `target` atomically.
+
+    The temp file keeps the target's extension (or `suffix`) because some writers pick the
+    format from the extension. On error the temp file is removed and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ext = suffix if suffix is not None else target.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{ext}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it replaces `target`.
+
+    An existing folder is moved aside first and deleted only after the new one is in place.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(target: PathLike, text: str) -> None:
+    """Write UTF-8 text to `target` through a temp file."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Network modules (LoRA, DyLoRA) and the tools that read and write them."""

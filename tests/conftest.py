@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny SD-architecture models (random weights, fixed seed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from library.tiny_sd import build_tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_models_v1():
+    """(unet, vae, text_encoder) of a tiny SD v1-like model; do not modify in place."""
+    torch.manual_seed(0)
+    return build_tiny_models(v2=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_models_v2():
+    """(unet, vae, text_encoder) of a tiny SD v2-like model; do not modify in place."""
+    torch.manual_seed(0)
+    return build_tiny_models(v2=True, seed=0)

@@ -1,0 +1,1 @@
+"""Standalone tools (model conversion, image resizing, ...)."""
