@@ -8,7 +8,8 @@ encoder: hidden // 64 heads, at least 1), so a tiny single file reloads exactly.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -95,3 +96,43 @@ def build_tiny_models(
                     param.copy_(torch.randn(param.shape, generator=generator) / max(fan_in, 1) ** 0.5)
         model.eval()
     return unet, vae, text_encoder
+
+
+TINY_MODEL_FORMATS = ("diffusers", "safetensors", "ckpt")
+
+
+def write_tiny_model(
+    out_dir: str | Path,
+    v2: bool = False,
+    formats: Sequence[str] = TINY_MODEL_FORMATS,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write the tiny model (build_tiny_models(v2, seed)) to disk in the requested formats.
+
+    Returns {"diffusers": <out_dir>/diffusers, "safetensors": <out_dir>/tiny_sd_v{1,2}.safetensors,
+    "ckpt": <out_dir>/tiny_sd_v{1,2}.ckpt} for the formats asked for. The `.ckpt` carries
+    epoch/global_step like a real training checkpoint.
+    """
+    from library.model_util import save_diffusers_checkpoint, save_stable_diffusion_checkpoint
+
+    unknown = set(formats) - set(TINY_MODEL_FORMATS)
+    if unknown:
+        raise ValueError(f"unknown tiny model formats: {sorted(unknown)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet, vae, text_encoder = build_tiny_models(v2=v2, seed=seed)
+    stem = f"tiny_sd_v{2 if v2 else 1}"
+    written: dict[str, Path] = {}
+    if "diffusers" in formats:
+        written["diffusers"] = save_diffusers_checkpoint(
+            v2, out_dir / "diffusers", text_encoder, unet, vae, use_safetensors=True, v_parameterization=False
+        )
+    if "safetensors" in formats:
+        written["safetensors"] = save_stable_diffusion_checkpoint(
+            v2, out_dir / f"{stem}.safetensors", text_encoder, unet, vae
+        )
+    if "ckpt" in formats:
+        written["ckpt"] = save_stable_diffusion_checkpoint(
+            v2, out_dir / f"{stem}.ckpt", text_encoder, unet, vae, epoch=1, global_step=100
+        )
+    return written

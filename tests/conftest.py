@@ -19,3 +19,19 @@ def tiny_models_v2():
     """(unet, vae, text_encoder) of a tiny SD v2-like model; do not modify in place."""
     torch.manual_seed(0)
     return build_tiny_models(v2=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_files_v1(tmp_path_factory):
+    """{"diffusers": folder, "safetensors": file, "ckpt": file} of the tiny v1 model (seed 0); read-only."""
+    from library.tiny_sd import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_sd_v1"), v2=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_files_v2(tmp_path_factory):
+    """{"diffusers": folder, "safetensors": file, "ckpt": file} of the tiny v2 model (seed 0); read-only."""
+    from library.tiny_sd import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_sd_v2"), v2=True, seed=0)

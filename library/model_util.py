@@ -1,0 +1,547 @@
+"""Load and save SD 1.x / 2.x models: LDM single files (.safetensors / .ckpt) and Diffusers folders.
+
+Loading builds the diffusers / transformers models on the meta device from a config
+inferred from the weights (library.sd_config) and assigns the converted tensors
+(library.sd_keys), read one at a time from a memory-mapped file, so the weights are never
+held twice. Saving writes through library.io_util, so an existing output is never left
+half-written.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from library import sd_config, sd_keys
+from library.errors import UserError
+from library.io_util import atomic_dir, atomic_path
+from library.safe_unpickle import is_placeholder, load_pickle_checkpoint
+from library.tokenizer_util import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SAVE_MODEL_AS_CHOICES = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
+PRECISION_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StableDiffusionModels:
+    """What load_target_model returns (models in eval mode, on the requested device/dtype)."""
+
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    tokenizer: CLIPTokenizer
+    v2: bool
+    v_parameterization: bool
+    source_path: Path
+    is_ldm_file: bool
+    ldm_metadata: dict[str, Any] = field(default_factory=dict)  # epoch / global_step of a .ckpt
+
+
+def is_safetensors(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".safetensors"
+
+
+def precision_to_dtype(precision: str | None) -> torch.dtype | None:
+    """`--save_precision` / `--mixed_precision` style name -> dtype (None / "no" -> None)."""
+    if precision is None or precision == "no":
+        return None
+    if precision not in PRECISION_DTYPES:
+        raise UserError(f"unknown precision '{precision}' (expected one of: float, fp16, bf16)")
+    return PRECISION_DTYPES[precision]
+
+
+# ---------------------------------------------------------------- single-file reading
+class LdmFile:
+    """Lazy, read-only access to the tensors of a `.safetensors` / `.ckpt` single file."""
+
+    def __init__(self, path: str | Path, mmap: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: model file not found")
+        self.metadata: dict[str, str] = {}
+        self.extras: dict[str, Any] = {}  # top-level keys of a .ckpt besides state_dict
+        self._handle = None
+        self._tensors: dict[str, torch.Tensor] = {}
+        if is_safetensors(self.path):
+            try:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+                self.shapes = {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._handle.keys()}
+                self.metadata = dict(self._handle.metadata() or {})
+            except Exception as err:  # safetensors raises its own error types for bad headers
+                raise UserError(f"{self.path}: not a readable safetensors file ({err})") from None
+        else:
+            loaded = load_pickle_checkpoint(self.path, mmap=mmap)
+            if not isinstance(loaded, dict):
+                raise UserError(f"{self.path}: checkpoint holds a {type(loaded).__name__}, not a dict of tensors")
+            weights = loaded.get("state_dict", loaded)
+            if not isinstance(weights, dict):
+                raise UserError(f"{self.path}: 'state_dict' is a {type(weights).__name__}, not a dict of tensors")
+            if weights is not loaded:
+                self.extras = {k: v for k, v in loaded.items() if k != "state_dict"}
+            self._tensors = {k: v for k, v in weights.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.shapes:
+            raise UserError(f"{self.path}: key '{key}' is missing; not a complete Stable Diffusion checkpoint")
+        if self._handle is None:
+            return self._tensors[key]
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as err:
+            raise UserError(f"{self.path}: cannot read tensor '{key}' ({err}); the file may be truncated") from None
+
+    def close(self) -> None:
+        self._handle = None
+        self._tensors = {}
+
+    def __enter__(self) -> "LdmFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path, what: str) -> None:
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [k for k in missing if not sd_keys.is_position_ids(k)]
+    if missing or unexpected:
+        raise UserError(f"{source}: {what} weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise UserError(f"{source}: {what} weights do not cover {leftover[:3]}")
+
+
+def _finish(model: torch.nn.Module, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
+        model.to(dtype=dtype)
+    if any(t.device != torch.device(device) for t in tensors):
+        model.to(device=device)
+    model.eval()
+    return model
+
+
+def _with_path(err: UserError, path: Path) -> UserError:
+    message = str(err)
+    return err if str(path) in message else UserError(f"{path}: {message}")
+
+
+def _unet_from_ldm(
+    ldm: LdmFile, v2: bool, dtype: torch.dtype, use_linear_projection: bool | None
+) -> UNet2DConditionModel:
+    config = sd_config.infer_unet_config(ldm.shapes, v2)
+    if use_linear_projection is not None:
+        config["use_linear_projection"] = use_linear_projection
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    shapes = {k: v.shape for k, v in unet.state_dict().items()}
+    links = sd_keys.safe_links(lambda: sd_keys.unet_links(shapes, config), "UNet")
+    _assign_weights(unet, sd_keys.ldm_to_model(links, ldm.get, shapes, str(ldm.path), dtype), ldm.path, "UNet")
+    return unet
+
+
+def _vae_from_shapes(
+    shapes_ldm: Mapping[str, tuple], get: Callable[[str], torch.Tensor], prefix: str, source: Path, dtype: torch.dtype
+) -> AutoencoderKL:
+    config = sd_config.infer_vae_config(shapes_ldm, prefix)
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(config)
+    shapes = {k: v.shape for k, v in vae.state_dict().items()}
+    num_levels = len(config["block_out_channels"])
+    links = sd_keys.safe_links(lambda: sd_keys.vae_links(shapes, num_levels, prefix), "VAE")
+    _assign_weights(vae, sd_keys.ldm_to_model(links, get, shapes, str(source), dtype), source, "VAE")
+    return vae
+
+
+def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype) -> CLIPTextModel:
+    config = CLIPTextConfig(**sd_config.infer_text_encoder_config(ldm.shapes, v2))
+    with init_empty_weights():
+        text_encoder = CLIPTextModel(config)
+    shapes = {k: v.shape for k, v in text_encoder.state_dict().items()}
+    links = sd_keys.safe_links(lambda: sd_keys.text_encoder_links(shapes, v2), "text encoder")
+    get = ldm.get
+    if not v2 and f"{sd_config.TE_V1_PREFIX}{sd_keys.HF_TEXT_MODEL}embeddings.token_embedding.weight" not in ldm:
+        # old v1 files store the HF CLIP keys without the `text_model.` level
+        with_level = sd_config.TE_V1_PREFIX + sd_keys.HF_TEXT_MODEL
+
+        def get(key: str) -> torch.Tensor:
+            return ldm.get(sd_config.TE_V1_PREFIX + key[len(with_level):] if key.startswith(with_level) else key)
+
+    _assign_weights(text_encoder, sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype), ldm.path, "text encoder")
+    return text_encoder
+
+
+def _ckpt_counters(extras: Mapping[str, Any]) -> dict[str, int]:
+    return {k: int(extras[k]) for k in ("epoch", "global_step") if isinstance(extras.get(k), (int, float))}
+
+
+# ---------------------------------------------------------------- loading
+def load_target_model(
+    path: str | Path,
+    v2: bool | None = None,
+    v_parameterization: bool = False,
+    vae: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    tokenizer_cache_dir: str | Path | None = None,
+    unet_use_linear_projection: bool | None = None,
+) -> StableDiffusionModels:
+    """Load an SD 1.x/2.x model from a single file (.safetensors/.ckpt) or a Diffusers folder.
+
+    v1/v2 is detected from the weights; `v2=True` (sd-scripts' `--v2`) on an SD 1.x model is
+    an error, while False/None just means "not asked for". `vae` replaces the model's VAE
+    (see load_vae). `unet_use_linear_projection` overrides the UNet's proj_in/out layout for
+    single files (None: as stored in the file - Linear for SD2, Conv 1x1 for SD1).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: model not found (expected a .safetensors/.ckpt file or a Diffusers folder)")
+    ldm_metadata: dict[str, Any] = {}
+    if path.is_dir():
+        unet, vae_model, text_encoder = _load_diffusers_folder(path, dtype)
+        is_v2 = text_encoder.config.hidden_act == "gelu" or unet.config.cross_attention_dim == 1024
+        is_ldm = False
+    else:
+        is_ldm = True
+        with LdmFile(path) as ldm:
+            is_v2 = sd_config.is_v2_ldm(ldm.shapes)
+            if v2 and not is_v2:
+                raise UserError(f"{path}: --v2 was given but this is an SD 1.x model (no 'cond_stage_model.model.' keys)")
+            logger.info("loading %s model from %s", "SD 2.x" if is_v2 else "SD 1.x", path)
+            try:
+                unet = _unet_from_ldm(ldm, is_v2, dtype, unet_use_linear_projection)
+                text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype)
+                vae_model = None if vae is not None else _vae_from_shapes(
+                    ldm.shapes, ldm.get, sd_config.VAE_PREFIX, path, dtype
+                )
+            except UserError as err:
+                raise _with_path(err, path) from None
+            ldm_metadata = _ckpt_counters(ldm.extras)
+    if v2 and not is_v2:
+        raise UserError(f"{path}: --v2 was given but this is an SD 1.x model")
+    if not v2 and is_v2:
+        logger.info("%s is an SD 2.x model (detected from its weights)", path)
+    if vae is not None:
+        vae_model = load_vae(vae, dtype)
+    tokenizer = load_tokenizer(is_v2, tokenizer_cache_dir)
+    return StableDiffusionModels(
+        text_encoder=_finish(text_encoder, dtype, device),
+        vae=_finish(vae_model, dtype, device),
+        unet=_finish(unet, dtype, device),
+        tokenizer=tokenizer,
+        v2=is_v2,
+        v_parameterization=v_parameterization,
+        source_path=path,
+        is_ldm_file=is_ldm,
+        ldm_metadata=ldm_metadata,
+    )
+
+
+def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    for part in ("unet", "vae", "text_encoder"):
+        if not (path / part / "config.json").is_file():
+            raise UserError(f"{path}: not a Diffusers model folder ('{part}/config.json' is missing)")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: cannot load Diffusers model ({first_line})") from None
+    return unet, vae, text_encoder
+
+
+_OLD_DIFFUSERS_VAE_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """Load a VAE from a full LDM checkpoint, an LDM VAE-only file (with or without the
+    `first_stage_model.` prefix or a `state_dict` wrapper), a diffusers-layout VAE file, or a
+    Diffusers folder (the model folder or its `vae/` folder). Returned in eval mode on CPU."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: VAE not found")
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{path}: not a Diffusers VAE folder (no config.json)")
+        try:
+            vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise UserError(f"{path}: cannot load Diffusers VAE ({str(err).strip().splitlines()[0]})") from None
+        return vae.eval()
+    with LdmFile(path) as ldm:
+        try:
+            if f"{sd_config.VAE_PREFIX}encoder.conv_in.weight" in ldm:
+                vae = _vae_from_shapes(ldm.shapes, ldm.get, sd_config.VAE_PREFIX, path, dtype)
+            elif "encoder.down.0.block.0.conv1.weight" in ldm:
+                vae = _vae_from_shapes(ldm.shapes, ldm.get, "", path, dtype)
+            elif "encoder.down_blocks.0.resnets.0.conv1.weight" in ldm:
+                vae = _vae_from_diffusers_layout(ldm, dtype)
+            else:
+                raise UserError(f"{path}: not a Stable Diffusion VAE (no 'encoder.conv_in' weights found)")
+        except UserError as err:
+            raise _with_path(err, path) from None
+    return _finish(vae, dtype, "cpu")
+
+
+def _vae_from_diffusers_layout(ldm: LdmFile, dtype: torch.dtype) -> AutoencoderKL:
+    """A VAE file saved with diffusers key names: rename to LDM names, then load as usual."""
+    num_levels = len({k.split(".")[2] for k in ldm.keys() if k.startswith("encoder.down_blocks.")})
+    to_source: dict[str, str] = {}
+    for key in ldm.keys():
+        modern = key
+        for old, new in _OLD_DIFFUSERS_VAE_ATTN.items():
+            modern = modern.replace(old, new)
+        try:
+            to_source[sd_keys.vae_key_to_ldm(modern, num_levels)] = key
+        except KeyError:
+            continue
+    shapes = {k: ldm.shapes[src] for k, src in to_source.items()}
+    return _vae_from_shapes(shapes, lambda k: ldm.get(to_source[k]), "", ldm.path, dtype)
+
+
+# ---------------------------------------------------------------- saving single files
+def _model_ldm_state_dict(
+    v2: bool,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL | None,
+    save_dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    unet_sd = unet.state_dict()
+    ldm = sd_keys.model_to_ldm(sd_keys.unet_links(unet_sd, unet.config), unet_sd, v2, save_dtype)
+    te_sd = text_encoder.state_dict()
+    ldm.update(sd_keys.model_to_ldm(sd_keys.text_encoder_links(te_sd, v2), te_sd, v2, save_dtype))
+    if vae is not None:
+        vae_sd = vae.state_dict()
+        links = sd_keys.vae_links(vae_sd, len(vae.config.block_out_channels))
+        ldm.update(sd_keys.model_to_ldm(links, vae_sd, v2, save_dtype))
+    return ldm
+
+
+def _picklable_extras(extras: Mapping[str, Any]) -> dict[str, Any]:
+    """Top-level ckpt entries that can be written again (lightning placeholders cannot)."""
+
+    def has_placeholder(value: Any) -> bool:
+        if is_placeholder(value):
+            return True
+        if isinstance(value, dict):
+            return any(has_placeholder(k) or has_placeholder(v) for k, v in value.items())
+        if isinstance(value, (list, tuple, set)):
+            return any(has_placeholder(v) for v in value)
+        return False
+
+    kept = {}
+    for key, value in extras.items():
+        if has_placeholder(value):
+            logger.info("not copying '%s' from the source checkpoint (pytorch-lightning objects)", key)
+        else:
+            kept[key] = value
+    return kept
+
+
+def save_stable_diffusion_checkpoint(
+    v2: bool,
+    output_file: str | Path,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL | None = None,
+    source_path: str | Path | None = None,
+    epoch: int = 0,
+    global_step: int = 0,
+    save_dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write an LDM single file (`.ckpt` or `.safetensors`, chosen by extension).
+
+    With a single-file `source_path`, every key of the source that is not one of the written
+    model weights (EMA, DDPM buffers, position_ids, ...) is carried over, and a `.ckpt`'s
+    epoch/global_step are added to the source's. Without a VAE the source's VAE is kept.
+    """
+    output_file = Path(output_file)
+    ldm_sd = _model_ldm_state_dict(v2, text_encoder, unet, vae, save_dtype)
+    extras: dict[str, Any] = {}
+    source_file = Path(source_path) if source_path is not None and Path(source_path).is_file() else None
+    if source_file is not None:
+        with LdmFile(source_file) as source:
+            new_keys = [k for k in ldm_sd if k not in source]
+            if new_keys:
+                logger.warning("%d written keys are not in the source checkpoint, e.g. %s", len(new_keys), new_keys[0])
+            for key in source.keys():
+                if key not in ldm_sd:
+                    # clone: the source may be memory-mapped and may be the file being replaced
+                    ldm_sd[key] = source.get(key).clone()
+            extras = _picklable_extras(source.extras)
+    elif vae is None:
+        raise ValueError("save_stable_diffusion_checkpoint needs a VAE when there is no source checkpoint")
+    if v2:
+        num_layers = text_encoder.config.num_hidden_layers
+        if f"{sd_config.TE_V2_PREFIX}transformer.resblocks.{num_layers}.ln_1.weight" not in ldm_sd:
+            sd_keys.fabricate_openclip_extras(ldm_sd, num_layers)
+
+    with atomic_path(output_file) as tmp:
+        if is_safetensors(output_file):
+            meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+            save_file({k: v.contiguous() for k, v in ldm_sd.items()}, str(tmp), metadata=meta or None)
+        else:
+            counters = _ckpt_counters(extras)
+            checkpoint = {
+                **extras,
+                "state_dict": ldm_sd,
+                "epoch": counters.get("epoch", 0) + epoch,
+                "global_step": counters.get("global_step", 0) + global_step,
+            }
+            torch.save(checkpoint, str(tmp))
+    logger.info("saved %s (%d tensors)", output_file, len(ldm_sd))
+    return output_file
+
+
+# ---------------------------------------------------------------- saving Diffusers folders
+def _cast_state_dict(model: torch.nn.Module, save_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.detach().to(save_dtype) if save_dtype is not None and v.is_floating_point() else v.detach()).contiguous()
+        for k, v in model.state_dict().items()
+    }
+
+
+def _write_weights(state_dict: dict[str, torch.Tensor], folder: Path, stem_st: str, stem_bin: str, use_safetensors: bool) -> None:
+    if use_safetensors:
+        save_file(state_dict, str(folder / stem_st), metadata={"format": "pt"})
+    else:
+        torch.save(state_dict, str(folder / stem_bin))
+
+
+def _save_diffusers_model(model: UNet2DConditionModel | AutoencoderKL, folder: Path, use_safetensors: bool, save_dtype: torch.dtype | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(str(folder))
+    _write_weights(
+        _cast_state_dict(model, save_dtype), folder,
+        "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", use_safetensors,
+    )
+
+
+def _save_text_encoder(text_encoder: CLIPTextModel, folder: Path, use_safetensors: bool, save_dtype: torch.dtype | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(text_encoder.config)
+    config.architectures = ["CLIPTextModel"]
+    config.save_pretrained(str(folder))
+    # `text_model.`-prefixed keys load in transformers 4.x and 5.x alike
+    state_dict = {
+        (k if k.startswith(sd_keys.HF_TEXT_MODEL) else sd_keys.HF_TEXT_MODEL + k): v
+        for k, v in _cast_state_dict(text_encoder, save_dtype).items()
+        if not sd_keys.is_position_ids(k)
+    }
+    _write_weights(state_dict, folder, "model.safetensors", "pytorch_model.bin", use_safetensors)
+
+
+def save_diffusers_checkpoint(
+    v2: bool,
+    output_dir: str | Path,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL | None = None,
+    reference_model: str | Path | None = None,
+    use_safetensors: bool = False,
+    save_dtype: torch.dtype | None = None,
+    v_parameterization: bool | None = None,
+    tokenizer_cache_dir: str | Path | None = None,
+) -> Path:
+    """Write a Diffusers folder that `StableDiffusionPipeline.from_pretrained` loads.
+
+    Scheduler and tokenizer come from `reference_model` (a local Diffusers folder) or are
+    written offline (SPEC 1.8: PNDM for v1, DDIM v-prediction for v2 unless
+    `v_parameterization` is False). Without `vae`, the reference model's VAE is copied.
+    The models are not modified (save_dtype casts copies of the weights).
+    """
+    output_dir = Path(output_dir)
+    reference = Path(reference_model) if reference_model is not None else None
+    if reference is not None and not (reference / "model_index.json").is_file():
+        raise UserError(
+            f"{reference}: --reference_model must be a local Diffusers folder with model_index.json (nothing is downloaded)"
+        )
+    if vae is None and (reference is None or not (reference / "vae").is_dir()):
+        raise UserError("saving a Diffusers model needs a VAE (none loaded and no --reference_model with a vae/ folder)")
+    with atomic_dir(output_dir) as tmp:
+        _save_diffusers_model(unet, tmp / "unet", use_safetensors, save_dtype)
+        _save_text_encoder(text_encoder, tmp / "text_encoder", use_safetensors, save_dtype)
+        if vae is not None:
+            _save_diffusers_model(vae, tmp / "vae", use_safetensors, save_dtype)
+        else:
+            shutil.copytree(reference / "vae", tmp / "vae")
+        if reference is None:
+            sd_config.write_pipeline_support_files(tmp, v2, v_parameterization, tokenizer_cache_dir)
+        else:
+            _copy_reference_support_files(reference, tmp, v2, v_parameterization, tokenizer_cache_dir)
+    logger.info("saved Diffusers model to %s", output_dir)
+    return output_dir
+
+
+def _copy_reference_support_files(
+    reference: Path, target: Path, v2: bool, v_parameterization: bool | None, tokenizer_cache_dir: str | Path | None
+) -> None:
+    sd_config.write_pipeline_support_files(target, v2, v_parameterization, tokenizer_cache_dir)
+    for part in ("scheduler", "tokenizer"):
+        if (reference / part).is_dir():
+            shutil.rmtree(target / part)
+            shutil.copytree(reference / part, target / part)
+    scheduler_json = target / "scheduler" / "scheduler_config.json"
+    scheduler_class = json.loads(scheduler_json.read_text(encoding="utf-8")).get("_class_name", "PNDMScheduler")
+    index = sd_config.model_index(scheduler_class)
+    (target / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- one entry for trainers
+def save_model(
+    models: StableDiffusionModels,
+    output: str | Path,
+    save_model_as: str,
+    save_dtype: torch.dtype | None = None,
+    epoch: int = 0,
+    global_step: int = 0,
+    metadata: Mapping[str, str] | None = None,
+    reference_model: str | Path | None = None,
+    use_source: bool = True,
+) -> Path:
+    """Save `models` as `--save_model_as` says (ckpt | safetensors | diffusers | diffusers_safetensors).
+
+    `output` is the file path (its extension is added when missing) or the folder for
+    Diffusers. A single-file source model's extra keys are kept when `use_source`.
+    """
+    if save_model_as not in SAVE_MODEL_AS_CHOICES:
+        raise UserError(f"--save_model_as '{save_model_as}' is not one of {', '.join(SAVE_MODEL_AS_CHOICES)}")
+    output = Path(output)
+    if save_model_as in ("ckpt", "safetensors"):
+        if output.suffix.lower() != f".{save_model_as}":
+            output = output.with_name(f"{output.name}.{save_model_as}")
+        source = models.source_path if use_source and models.is_ldm_file else None
+        return save_stable_diffusion_checkpoint(
+            models.v2, output, models.text_encoder, models.unet, models.vae,
+            source_path=source, epoch=epoch, global_step=global_step, save_dtype=save_dtype, metadata=metadata,
+        )
+    return save_diffusers_checkpoint(
+        models.v2, output, models.text_encoder, models.unet, models.vae,
+        reference_model=reference_model, use_safetensors=save_model_as == "diffusers_safetensors",
+        save_dtype=save_dtype, v_parameterization=models.v_parameterization if models.v2 else None,
+    )
+
