@@ -1,0 +1,169 @@
+"""Latent caching in memory and in `.npz` files (sd-scripts M23 layout: key `arr_0`, unscaled).
+
+A disk cache `<image minus ext>.npz` (and `<stem>_flip.npz` with flip_aug) is reused when its
+latent shape matches the image's bucket and it is newer than the image; otherwise it is
+recomputed. Files are written atomically. Sampling from the VAE posterior uses per-image
+noise seeded by (seed, image path), so results do not depend on vae_batch_size or order.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from library.errors import UserError
+from library.image_util import file_mtime, flip_horizontal, to_model_tensor
+from library.io_util import atomic_path
+
+logger = logging.getLogger(__name__)
+
+Reso = tuple[int, int]
+
+
+class CacheableImage(Protocol):
+    absolute_path: str
+    bucket_reso: Reso
+    latents: torch.Tensor | None
+    latents_flipped: torch.Tensor | None
+    latents_npz: str | None
+    latents_npz_flipped: str | None
+
+
+def npz_paths_for_image(image_path: str | Path) -> tuple[str, str]:
+    """(`<image minus ext>.npz`, `<image minus ext>_flip.npz`)."""
+    path = Path(image_path)
+    base = path.with_suffix("")
+    return str(base) + ".npz", str(base) + "_flip.npz"
+
+
+def expected_latent_hw(bucket: Reso) -> tuple[int, int]:
+    return (bucket[1] // 8, bucket[0] // 8)
+
+
+def _npz_shape(path: str) -> tuple[int, ...] | None:
+    try:
+        with np.load(path) as npz:
+            if "arr_0" not in npz:
+                return None
+            return tuple(npz["arr_0"].shape)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
+
+
+def is_disk_cache_valid(npz_path: str, bucket: Reso, image_path: str | None, flip_npz_path: str | None = None) -> bool:
+    """True when the npz (and the flipped one, if asked) exist, fit the bucket and are newer than the image."""
+    expected = expected_latent_hw(bucket)
+    for path in [npz_path] + ([flip_npz_path] if flip_npz_path else []):
+        if not Path(path).is_file():
+            return False
+        shape = _npz_shape(path)
+        if shape is None or len(shape) != 3 or shape[1:3] != expected:
+            return False
+        if image_path is not None and Path(image_path).is_file() and file_mtime(path) < file_mtime(image_path):
+            return False  # the image changed after the cache was written
+    return True
+
+
+def save_latents_npz(path: str | Path, latents: torch.Tensor) -> None:
+    """Write `[4, h, w]` float32 latents as `arr_0`, atomically."""
+    array = latents.detach().to("cpu", torch.float32).numpy()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, array)
+
+
+def load_latents_npz(path: str | Path) -> torch.Tensor:
+    """Latents from an npz (`arr_0`); UserError naming the file when unreadable."""
+    try:
+        with np.load(path) as npz:
+            array = npz["arr_0"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise UserError(f"cannot read latent cache {path}: {err}; delete it to recompute") from None
+    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+
+def noise_seed(seed: int, key: str) -> int:
+    """A 63-bit seed derived from the run seed and an image key."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_latents(vae: torch.nn.Module, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """`vae.encode(images).latent_dist.sample()` with one seeded noise draw per image; float32 on CPU."""
+    param = next(vae.parameters())
+    with torch.no_grad():
+        dist = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
+        mean = dist.mean.float().cpu()
+        std = dist.std.float().cpu()
+    noise = torch.stack(
+        [torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
+    return mean + std * noise
+
+
+def cache_latents(
+    infos: Sequence[CacheableImage],
+    flip_flags: Sequence[bool],
+    prepare_image: Callable[[CacheableImage], np.ndarray],
+    vae: torch.nn.Module,
+    vae_batch_size: int = 1,
+    cache_to_disk: bool = False,
+    is_main_process: bool = True,
+    seed: int = 0,
+) -> int:
+    """Encode every image that has no valid cache; returns how many images went through the VAE.
+
+    `prepare_image(info)` gives the bucket-sized uint8 image (no random augmentation).
+    In memory the latents go to `info.latents` / `info.latents_flipped`; on disk the npz
+    paths go to `info.latents_npz` / `info.latents_npz_flipped` and are loaded per step.
+    """
+    vae_batch_size = max(1, int(vae_batch_size or 1))
+    todo: list[tuple[CacheableImage, bool]] = []
+    for info, flip in tqdm(list(zip(infos, flip_flags)), desc="checking latent caches", leave=False):
+        if getattr(info, "npz_prepared", False):
+            continue  # fine-tuning npz written by prepare_buckets_latents.py
+        if info.latents is not None:
+            continue
+        if cache_to_disk:
+            npz, npz_flip = npz_paths_for_image(info.absolute_path)
+            info.latents_npz, info.latents_npz_flipped = npz, (npz_flip if flip else None)
+            if not is_main_process:
+                continue  # the main process writes the files
+            if is_disk_cache_valid(npz, info.bucket_reso, info.absolute_path, npz_flip if flip else None):
+                continue
+        todo.append((info, flip))
+    # batches of one bucket each, in bucket order
+    todo.sort(key=lambda item: (item[0].bucket_reso[0] * item[0].bucket_reso[1], item[0].bucket_reso))
+    batches: list[list[tuple[CacheableImage, bool]]] = []
+    for item in todo:
+        if batches and len(batches[-1]) < vae_batch_size and batches[-1][-1][0].bucket_reso == item[0].bucket_reso:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    for batch in tqdm(batches, desc="caching latents", smoothing=1):
+        arrays = [prepare_image(info) for info, _ in batch]
+        images = torch.stack([to_model_tensor(a) for a in arrays])
+        keys = [info.absolute_path for info, _ in batch]
+        latents = sample_latents(vae, images, [noise_seed(seed, k) for k in keys])
+        flipped: list[torch.Tensor | None] = [None] * len(batch)
+        if any(flip for _, flip in batch):
+            flip_images = torch.stack([to_model_tensor(flip_horizontal(a)) for a in arrays])
+            flip_latents = sample_latents(vae, flip_images, [noise_seed(seed, k + ":flip") for k in keys])
+            flipped = [flip_latents[i] if batch[i][1] else None for i in range(len(batch))]
+        for (info, flip), latent, flip_latent in zip(batch, latents, flipped):
+            if torch.isnan(latent).any() or (flip_latent is not None and torch.isnan(flip_latent).any()):
+                raise UserError(f"NaN in latents of {info.absolute_path}; try a different --vae or no half precision")
+            if cache_to_disk:
+                save_latents_npz(info.latents_npz, latent)  # type: ignore[arg-type]
+                if flip_latent is not None:
+                    save_latents_npz(info.latents_npz_flipped, flip_latent)  # type: ignore[arg-type]
+            else:
+                info.latents = latent.clone()
+                info.latents_flipped = None if flip_latent is None else flip_latent.clone()
+    return len(todo)
