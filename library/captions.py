@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -113,3 +114,107 @@ def process_caption(
     if settings.caption_tag_dropout_rate > 0:
         flex = [t for t in flex if rng.random() >= settings.caption_tag_dropout_rate]
     return ", ".join(fixed + flex)
+
+
+# --- metadata JSON helpers for the finetune/ scripts ----------------------------------------------
+def merge_text_files_into_metadata(
+    metadata: dict, image_paths: Iterable[Path], field_name: str, extension: str, full_path: bool
+) -> int:
+    """Put the text of `<image stem><extension>` under `field_name` of each image's entry.
+
+    Keys are the image stem, or the full path with `full_path`. Images without a text file
+    are logged and left out. Returns how many entries were set.
+    """
+    count = 0
+    for image_path in image_paths:
+        text_path = image_path.with_name(image_path.stem + extension)
+        if not text_path.is_file():
+            logger.warning(f"no {extension} file for {image_path}; skipped")
+            continue
+        try:
+            text = text_path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise UserError(f"{text_path} is not valid UTF-8 text") from None
+        key = str(image_path) if full_path else image_path.stem
+        metadata.setdefault(key, {})[field_name] = text
+        count += 1
+    return count
+
+
+# sd-scripts clean_captions_and_tags rules (the tag patterns assume ", tag, " delimiters)
+_HAIR_LENGTH = re.compile(r", (long|short|medium) hair, ")
+_HAIR_CUT = re.compile(r", (bob|hime) cut, ")
+_HAIR = re.compile(r", ([\w\-]+) hair, ")
+_WORD = re.compile(r", ([\w\-]+|hair ornament), ")
+# with several people, per-person attributes that occur more than once are dropped
+_MULTI_PERSON_PATTERNS = [
+    _HAIR_LENGTH,
+    _HAIR_CUT,
+    re.compile(r", [\w\-]+ eyes, "),
+    re.compile(r", ([\w\-]+ sleeves|sleeveless), "),
+    re.compile(
+        r", (ponytail|braid|ahoge|twintails|[\w\-]+ bun|single hair bun|single side bun|two side up|two tails"
+        r"|[\w\-]+ braid|sidelocks), "
+    ),
+]
+# applied in order, each until nothing changes
+CAPTION_REPLACEMENTS = [
+    ("anime anime", "anime"), ("young ", ""), ("anime girl", "girl"), ("cartoon female", "girl"),
+    ("cartoon lady", "girl"), ("cartoon character", "girl"), ("cartoon woman", "girl"), ("cartoon women", "girls"),
+    ("cartoon girl", "girl"), ("anime female", "girl"), ("anime lady", "girl"), ("anime character", "girl"),
+    ("anime woman", "girl"), ("anime women", "girls"), ("lady", "girl"), ("female", "girl"), ("woman", "girl"),
+    ("women", "girls"), ("people", "girls"), ("person", "girl"), ("a cartoon figure", "a figure"),
+    ("a cartoon image", "an image"), ("a cartoon picture", "a picture"), ("an anime cartoon image", "an image"),
+    ("a cartoon anime drawing", "a drawing"), ("a cartoon drawing", "a drawing"), ("girl girl", "girl"),
+]
+
+
+def clean_tags(image_key: str, tags: str) -> str:
+    """Tagger output clean-up: `_` -> space (not in `^_^`), drop ratings, drop duplicate/conflicting tags."""
+    tags = tags.replace("^_^", "\x00").replace("_", " ").replace("\x00", "^_^")
+    parts = tags.split(", rating")  # DeepDanbooru appends ratings last
+    if len(parts) > 2:
+        logger.warning(f"multiple ratings in the tags of {image_key}: {tags}")
+    tags = parts[0]
+    padded = ", " + tags.replace(", ", ", , ") + ", "  # every tag now has its own ", " on both sides
+    if "girls" in padded or "boys" in padded:
+        for pattern in _MULTI_PERSON_PATTERNS:
+            if len(pattern.findall(padded)) > 1:
+                padded = pattern.sub("", padded)
+        # one shared hair length survives the hair-colour removal below
+        hair_length = _HAIR_LENGTH.search(padded)
+        if hair_length:
+            padded = _HAIR_LENGTH.sub(", @@@, ", padded)
+        if len(_HAIR.findall(padded)) > 1:
+            padded = _HAIR.sub("", padded)
+        if hair_length:
+            padded = padded.replace(", @@@, ", hair_length.group())
+    # "shirt" is redundant next to "white shirt"
+    for word in _WORD.findall(padded):
+        if re.search(rf", ((\w+) )+{re.escape(word)}, ", padded):
+            padded = padded.replace(f", {word}, ", "")
+    padded = padded.replace(", , ", ", ")
+    return padded[2:-2]
+
+
+def clean_caption(caption: str) -> str:
+    """Normalise BLIP-style captions ("anime woman" -> "girl", ...)."""
+    for old, new in CAPTION_REPLACEMENTS:
+        while old in caption:
+            caption = caption.replace(old, new)
+    return caption
+
+
+def clean_metadata(metadata: dict, debug: bool = False) -> dict:
+    """Clean `tags` and `caption` of every entry in place; returns the metadata."""
+    for image_key, entry in metadata.items():
+        for field_name, cleaner in (("tags", lambda text: clean_tags(image_key, text)), ("caption", clean_caption)):
+            value = entry.get(field_name)
+            if value is None:
+                logger.info(f"{image_key} has no {field_name}")
+                continue
+            cleaned = cleaner(value)
+            entry[field_name] = cleaned
+            if debug and cleaned != value:
+                logger.info(f"{image_key} {field_name}\n  FROM: {value}\n  TO:   {cleaned}")
+    return metadata

@@ -215,3 +215,74 @@ def scale_to_max_area(size: Reso, max_area: int) -> Reso:
         return size
     factor = math.sqrt(max_area / (width * height))
     return (max(1, int(width * factor)), max(1, int(height * factor)))
+
+
+def resize_folder_images(
+    src_dir: Path | str,
+    dst_dir: Path | str,
+    max_resolutions: Sequence[str] = ("512x512", "384x384", "256x256", "128x128"),
+    divisible_by: int = 1,
+    interpolation: str | None = None,
+    save_as_png: bool = False,
+    copy_associated_files: bool = False,
+) -> list[Path]:
+    """tools/resize_images_to_resolution.py: shrink each image to at most W*H pixels per resolution.
+
+    Output `<stem>+<WxH>.jpg|.png`, sides floored to `divisible_by` by a centre crop; other files
+    of the folder are copied; with copy_associated_files `<stem>.*` files are copied per
+    resolution as `<stem>+<WxH><ext>`. Each resolution is made from the original image.
+    """
+    import shutil
+
+    from library.io_util import atomic_path
+
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    if not src_dir.is_dir():
+        raise UserError(f"source folder {src_dir} not found")
+    if divisible_by < 1:
+        raise UserError(f"--divisible_by must be at least 1, got {divisible_by}")
+    areas = []
+    for text in max_resolutions:
+        try:
+            w, h = (int(v) for v in text.strip().lower().split("x"))
+        except ValueError:
+            raise UserError(f"--max_resolution entries must look like 512x512, got {text!r}") from None
+        areas.append((f"{w}x{h}", w * h))
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    files = sorted(p for p in src_dir.iterdir() if p.is_file())
+    for path in files:
+        if not is_image_file(path):
+            with atomic_path(dst_dir / path.name) as tmp:
+                shutil.copyfile(path, tmp)
+            continue
+        try:
+            original = load_image(path)
+        except UserError as err:
+            logger.warning(f"skipping image: {err}")
+            continue
+        for name, max_area in areas:
+            height, width = original.shape[:2]
+            image = original
+            if width * height > max_area:
+                new_size = scale_to_max_area((width, height), max_area)
+                image = cv2.resize(original, new_size, interpolation=interpolation_flag(interpolation, upscale=False))
+            height, width = image.shape[:2]
+            new_w, new_h = width - width % divisible_by, height - height % divisible_by
+            if new_w < 1 or new_h < 1:
+                logger.warning(f"skipping {path} at {name}: smaller than --divisible_by {divisible_by}")
+                continue
+            top, left = (height - new_h) // 2, (width - new_w) // 2
+            image = image[top : top + new_h, left : left + new_w]
+            target = dst_dir / f"{path.stem}+{name}{'.png' if save_as_png else '.jpg'}"
+            with atomic_path(target) as tmp:
+                Image.fromarray(image).save(tmp, format="PNG" if save_as_png else "JPEG", quality=100)
+            logger.info(f"{path.name} {original.shape[1]}x{original.shape[0]} -> {target.name} {new_w}x{new_h}")
+            written.append(target)
+        if copy_associated_files:
+            for other in files:
+                if other.stem == path.stem and other != path and not is_image_file(other):
+                    for name, _ in areas:
+                        with atomic_path(dst_dir / f"{path.stem}+{name}{other.suffix}") as tmp:
+                            shutil.copyfile(other, tmp)
+    return written

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import zipfile
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -167,3 +167,98 @@ def cache_latents(
                 info.latents = latent.clone()
                 info.latents_flipped = None if flip_latent is None else flip_latent.clone()
     return len(todo)
+
+
+# --- prepare_buckets_latents.py (fine-tuning npz next to the images) -----------------------------
+def prepared_npz_stem(train_data_dir: Path, image_key: str, full_path: bool, flip: bool, recursive: bool) -> Path:
+    """`<train_data_dir>/<key>` (full_path: `<dir>/<stem>`, recursive: `<dir>/<relpath>/<stem>`), no extension."""
+    if full_path:
+        key_path = Path(image_key)
+        base_name = key_path.stem
+        try:
+            relative = key_path.parent.resolve().relative_to(Path(train_data_dir).resolve())
+        except ValueError:
+            relative = Path()
+    else:
+        base_name, relative = image_key, Path()
+    if flip:
+        base_name += "_flip"
+    folder = Path(train_data_dir) / relative if (recursive and str(relative) not in ("", ".")) else Path(train_data_dir)
+    return folder / base_name
+
+
+def prepare_buckets_latents(
+    image_paths: Sequence[Path],
+    metadata: dict,
+    vae: torch.nn.Module,
+    bucket_manager: Any,
+    train_data_dir: Path,
+    batch_size: int = 1,
+    full_path: bool = False,
+    flip_aug: bool = False,
+    skip_existing: bool = False,
+    recursive: bool = False,
+    load_images: Callable[[Sequence[Path]], Iterable[tuple[Path, np.ndarray | None]]] | None = None,
+) -> dict[Reso, int]:
+    """Assign each image a bucket (`train_resolution`, floored to x8) and write its npz latents.
+
+    Sampling uses the VAE's posterior with the global torch RNG, as sd-scripts does. Stale
+    `_flip.npz` files are removed when flip_aug is off. Returns image counts per bucket.
+    """
+    from library.image_util import load_image, trim_and_resize
+
+    if load_images is None:
+        def load_images(paths: Sequence[Path]) -> Iterator[tuple[Path, np.ndarray | None]]:
+            for path in paths:
+                try:
+                    yield path, load_image(path)
+                except UserError as err:
+                    logger.warning(f"skipping image: {err}")
+                    yield path, None
+
+    pending: dict[Reso, list[tuple[str, np.ndarray]]] = {}
+    counts: dict[Reso, int] = {}
+
+    def encode_and_save(reso: Reso) -> None:
+        items = pending.pop(reso, [])
+        if not items:
+            return
+        images = torch.stack([to_model_tensor(img) for _, img in items])
+        param = next(vae.parameters())
+        with torch.no_grad():
+            latents = vae.encode(images.to(param.device, param.dtype)).latent_dist.sample().float().cpu()
+            flipped = None
+            if flip_aug:
+                latents_f = vae.encode(torch.flip(images, dims=[3]).to(param.device, param.dtype))
+                flipped = latents_f.latent_dist.sample().float().cpu()
+        for i, (key, _) in enumerate(items):
+            save_latents_npz(str(prepared_npz_stem(train_data_dir, key, full_path, False, recursive)) + ".npz", latents[i])
+            flip_path = Path(str(prepared_npz_stem(train_data_dir, key, full_path, True, recursive)) + ".npz")
+            if flipped is not None:
+                save_latents_npz(flip_path, flipped[i])
+            elif flip_path.is_file():
+                logger.info(f"removing stale flipped latents {flip_path}")
+                flip_path.unlink()
+
+    for image_path, image in tqdm(load_images(image_paths), total=len(image_paths), desc="buckets and latents", smoothing=0):
+        if image is None:
+            continue
+        key = str(image_path) if full_path else image_path.stem
+        height, width = image.shape[:2]
+        reso, resized, _ = bucket_manager.select_bucket(width, height)
+        if min(reso) < 8:
+            logger.warning(f"skipping {image_path}: {width}x{height} is smaller than one bucket step")
+            continue
+        metadata.setdefault(key, {})["train_resolution"] = [reso[0] - reso[0] % 8, reso[1] - reso[1] % 8]
+        counts[reso] = counts.get(reso, 0) + 1
+        if skip_existing:
+            npz = str(prepared_npz_stem(train_data_dir, key, full_path, False, recursive)) + ".npz"
+            flip_npz = str(prepared_npz_stem(train_data_dir, key, full_path, True, recursive)) + ".npz"
+            if is_disk_cache_valid(npz, reso, None, flip_npz if flip_aug else None):
+                continue
+        pending.setdefault(reso, []).append((key, trim_and_resize(image, reso, resized)))
+        if len(pending[reso]) >= batch_size:
+            encode_and_save(reso)
+    for reso in list(pending):
+        encode_and_save(reso)
+    return counts

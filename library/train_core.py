@@ -1,0 +1,819 @@
+"""The one training loop shared by every trainer (LoRA, DreamBooth, fine-tune, textual inversion).
+
+A script describes *what* trains and *what* is saved with a `TrainingMethod`; `run_training`
+does everything else: accelerate set-up, model loading, dataset and latent cache, optimizer and
+scheduler, the diffusion loss, gradient accumulation, saving cadence, states for `--resume`,
+sample images, progress bar and trackers.
+
+Exact resume by construction: batches come from keys `(epoch, batch_index)` (the dataset is
+stateless), and all randomness of one micro-batch (noise, timesteps, VAE sampling, network
+dropout) comes from a seed derived from `(seed, epoch, batch_index)`. A resumed run therefore
+starts the sampler at the saved batch index and reproduces the uninterrupted run bit for bit.
+
+The loss is checked for NaN/inf when it is read anyway (every step on CPU, every
+`LOSS_READ_INTERVAL` steps on accelerators, and before every save), so there is no per-step
+host synchronisation on a GPU.
+"""
+from __future__ import annotations
+
+import abc
+import argparse
+import contextlib
+import os
+import importlib.util
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from library import train_saving, train_util
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+LOSS_READ_INTERVAL = 10  # optimizer steps between loss reads (host syncs) on accelerators
+
+
+# --- what a script provides ------------------------------------------------------------
+class TrainingMethod(abc.ABC):
+    """What one trainer trains and saves. Subclass: `setup`, `trainable_modules` and `save` are
+    required; the other hooks have working defaults."""
+
+    #: default tracker name (`--log_tracker_name` overrides)
+    tracker_name: str = "train"
+    #: dataset sources this method accepts (passed to the dataset config sanitizer)
+    support_dreambooth: bool = True
+    support_finetuning: bool = True
+    support_dropout: bool = True
+
+    def verify_args(self, args: argparse.Namespace) -> None:
+        """Raise `UserError` for flag combinations this method cannot run."""
+
+    def model_load_dtype(self, args: argparse.Namespace, weight_dtype: torch.dtype) -> torch.dtype:
+        """dtype the base models are loaded in (frozen models can be loaded directly in weight_dtype)."""
+        return torch.float32
+
+    @abc.abstractmethod
+    def setup(self, ctx: "TrainContext") -> None:
+        """Create / attach what trains (e.g. a LoRA network); freeze (`requires_grad_(False)`) the
+        base models that do not train: frozen models are then cast to the mixed-precision dtype."""
+
+    @property
+    def train_unet(self) -> bool:
+        return True
+
+    @property
+    def train_text_encoder(self) -> bool:
+        """True when gradients flow through the text encoder (no caching of its outputs)."""
+        return False
+
+    @abc.abstractmethod
+    def trainable_modules(self, ctx: "TrainContext") -> dict[str, nn.Module]:
+        """Modules holding the trained parameters (they go into DDP and into saved states)."""
+
+    def optimizer_params(self, ctx: "TrainContext") -> list:
+        """Parameters or parameter groups handed to the optimizer."""
+        return [p for m in self.trainable_modules(ctx).values() for p in m.parameters() if p.requires_grad]
+
+    def lr_log_names(self, ctx: "TrainContext", num_groups: int) -> list[str]:
+        """Tracker names of the param groups' learning rates."""
+        return ["lr"] if num_groups == 1 else [f"lr/group{i}" for i in range(num_groups)]
+
+    def on_epoch_start(self, ctx: "TrainContext", epoch: int) -> None:
+        """Called before the first batch of every epoch (0-based)."""
+
+    def model_extension(self, args: argparse.Namespace) -> str:
+        """File extension of saved models, e.g. `.safetensors`."""
+        return ".safetensors"
+
+    @abc.abstractmethod
+    def save(self, ctx: "TrainContext", path: Path, epoch_no: int, global_step: int, final: bool) -> None:
+        """Write the trained weights to `path` (atomically). Runs on the main process only."""
+
+    def sampling_models(self, ctx: "TrainContext") -> tuple[nn.Module, nn.Module]:
+        """(text_encoder, unet) used for sample images (networks are already applied to them)."""
+        return ctx.models.text_encoder, ctx.models.unet
+
+
+@dataclass
+class TrainHooks:
+    """Programmatic hooks for tools and tests."""
+
+    #: stop right after this optimizer step (after its saves), as if the process were killed
+    stop_after_step: Optional[int] = None
+    #: called on every process at the end of training with the context
+    on_train_end: Optional[Callable[["TrainContext"], None]] = None
+
+
+@dataclass
+class TrainContext:
+    """Everything the hooks of a `TrainingMethod` may need."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    models: Any  # library.model_util.StableDiffusionModels
+    weight_dtype: torch.dtype
+    save_dtype: Optional[torch.dtype]
+    dataset_group: Any = None
+    noise_scheduler: Any = None
+    optimizer: Any = None
+    optimizer_name: str = ""
+    optimizer_args: str = ""
+    lr_scheduler: Any = None
+    num_batches_per_epoch: int = 0  # all processes together
+    batches_per_process: int = 0  # what one process trains per epoch
+    num_train_epochs: int = 0
+    max_train_steps: int = 0
+    global_step: int = 0
+    epoch: int = 0
+    sample_prompts: list = field(default_factory=list)
+    step_module: Any = None  # the accelerate-prepared DiffusionStep (DDP-wrapped with several processes)
+    training_started_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    epoch: int
+    step_losses: list[float]
+    final_model_path: Optional[Path]
+    stopped_early: bool
+
+
+# --- helpers --------------------------------------------------------------------------
+def step_seed(seed: int, epoch: int, batch_index: int) -> int:
+    """Seed of all randomness of one micro-batch, derived statelessly from its key."""
+    return int(np.random.SeedSequence([seed, epoch, batch_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def precision_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(name or "", None)
+
+
+def _check_core_args(args: argparse.Namespace) -> None:
+    mixed = getattr(args, "mixed_precision", "no") or "no"
+    if getattr(args, "full_fp16", False) and mixed != "fp16":
+        raise UserError("--full_fp16 requires --mixed_precision fp16")
+    if getattr(args, "full_bf16", False) and mixed != "bf16":
+        raise UserError("--full_bf16 requires --mixed_precision bf16")
+    if getattr(args, "full_fp16", False) and getattr(args, "full_bf16", False):
+        raise UserError("--full_fp16 and --full_bf16 cannot be used together")
+    if getattr(args, "pretrained_model_name_or_path", None) is None:
+        raise UserError("--pretrained_model_name_or_path is required")
+    if (getattr(args, "gradient_accumulation_steps", 1) or 1) < 1:
+        raise UserError("--gradient_accumulation_steps must be at least 1")
+    if getattr(args, "noise_offset", None) and getattr(args, "multires_noise_iterations", None):
+        raise UserError("--noise_offset and --multires_noise_iterations cannot be used together")
+    if getattr(args, "adaptive_noise_scale", None) and not getattr(args, "noise_offset", None):
+        raise UserError("--adaptive_noise_scale requires --noise_offset")
+    if getattr(args, "cache_latents_to_disk", False):
+        args.cache_latents = True
+
+
+def _build_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    log_with = getattr(args, "log_with", None)
+    logging_dir = None
+    if getattr(args, "logging_dir", None):
+        logging_dir = str(Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+        log_with = log_with or "tensorboard"
+    if log_with in ("tensorboard", "all") and logging_dir is None:
+        raise UserError(f"--log_with {log_with} requires --logging_dir")
+    if log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"--log_with {log_with} needs the wandb package: pip install wandb")
+    if log_with in ("wandb", "all") and getattr(args, "wandb_api_key", None):
+        import wandb
+
+        wandb.login(key=args.wandb_api_key)
+    try:
+        # gradient accumulation is driven by the loop itself (sync points at epoch ends
+        # and resumable positions), so accelerate's own counter stays at 1
+        accelerator = Accelerator(
+            mixed_precision=getattr(args, "mixed_precision", "no") or "no",
+            log_with=log_with,
+            project_dir=logging_dir,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        )
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"cannot set up accelerate (--mixed_precision {args.mixed_precision}): {err}") from err
+    return accelerator
+
+
+def _patch_scaler_for_fp16_grads(accelerator) -> None:
+    """--full_fp16: let the GradScaler unscale fp16 gradients (torch refuses by default)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        return
+    original = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16
+
+
+def _has_trained_weights(model: nn.Module) -> bool:
+    return any(p.requires_grad for p in model.parameters())
+
+
+def _place(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype]) -> None:
+    """Move a model; cast only when the dtype really changes (diffusers warns on every cast)."""
+    model.to(device)
+    if dtype is not None and next(model.parameters()).dtype != dtype:
+        model.to(dtype=dtype)
+
+
+def _noise_scheduler(args: argparse.Namespace, device: torch.device) -> Any:
+    from library import custom_train_functions as ctf
+    from library import samplers
+
+    noise_scheduler = samplers.get_noise_scheduler(bool(getattr(args, "v_parameterization", False)))
+    ctf.prepare_scheduler_for_custom_training(noise_scheduler, device)
+    if getattr(args, "zero_terminal_snr", False):
+        ctf.fix_noise_scheduler_betas_for_zero_terminal_snr(noise_scheduler)
+    return noise_scheduler
+
+
+def _set_attention(args: argparse.Namespace, unet: nn.Module, vae: nn.Module) -> None:
+    if getattr(args, "xformers", False):
+        if importlib.util.find_spec("xformers") is None:
+            raise UserError("--xformers: the xformers package is not installed (pip install xformers)")
+        unet.enable_xformers_memory_efficient_attention()
+        vae.enable_xformers_memory_efficient_attention()
+        logger.info("attention: xformers")
+    elif getattr(args, "mem_eff_attn", False):
+        # PyTorch's SDPA picks its memory-efficient kernel where the device has one
+        logger.info("attention: --mem_eff_attn uses PyTorch scaled_dot_product_attention (memory-efficient kernel)")
+    else:
+        logger.info("attention: PyTorch scaled_dot_product_attention")
+
+
+class DiffusionStep(nn.Module):
+    """The module accelerate/DDP wraps: the trained modules are registered, frozen ones are not.
+
+    Keeping frozen models unregistered keeps them out of DDP broadcasts and out of saved
+    states (a LoRA state holds only the network).
+    """
+
+    def __init__(self, trainable: dict[str, nn.Module], unet: nn.Module, encode_text: Callable[[list[str]], torch.Tensor]):
+        super().__init__()
+        self.trainable = nn.ModuleDict(trainable)
+        object.__setattr__(self, "_unet", unet)
+        object.__setattr__(self, "_encode_text", encode_text)
+
+    def forward(self, noisy_latents, timesteps, encoder_hidden_states=None, captions=None):
+        if encoder_hidden_states is None:
+            encoder_hidden_states = self._encode_text(captions)
+        return self._unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+
+class TextEmbeddingCache:
+    """Encoder states per caption string, for a frozen text encoder.
+
+    Captions are encoded one at a time so that a caption's states never depend on which
+    other captions shared its batch (keeps resumed runs bit-identical).
+    """
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor]):
+        self._encode = encode
+        self._states: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        for caption in captions:
+            if caption not in self._states:
+                with torch.no_grad():
+                    self._states[caption] = self._encode([caption])[0]
+        return torch.stack([self._states[c] for c in captions])
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+def captions_are_fixed(args: argparse.Namespace, dataset_group: Any) -> bool:
+    """True when every epoch shows each image with the same caption string (so caching pays)."""
+    fixed = getattr(dataset_group, "captions_are_fixed", None)
+    if callable(fixed):
+        return bool(fixed())
+    return not (
+        getattr(args, "shuffle_caption", False)
+        or getattr(args, "caption_dropout_rate", 0)
+        or getattr(args, "caption_dropout_every_n_epochs", 0)
+        or getattr(args, "caption_tag_dropout_rate", 0)
+        or getattr(args, "token_warmup_step", 0)
+        or getattr(args, "dataset_config", None)  # per-subset options unknown here: stay safe
+    )
+
+
+# --- data, latents, text, samples ------------------------------------------------------
+def _build_dataset_group(args: argparse.Namespace, method: TrainingMethod, accelerator: Any) -> Any:
+    """The DatasetGroup from `--dataset_config` or the dataset flags (sd-scripts rules)."""
+    from library import config_util
+
+    train_util.prepare_dataset_args(args, method.support_finetuning)
+    group = config_util.build_dataset_group(
+        args, method.support_dreambooth, method.support_finetuning, method.support_dropout, seed=args.seed
+    )
+    group.set_step_mapping(accelerator.num_processes, args.gradient_accumulation_steps or 1)
+    return group
+
+
+def _cache_latents(args: argparse.Namespace, ctx: TrainContext, device: torch.device) -> None:
+    """Encode every image once with the VAE; the VAE then leaves the accelerator."""
+    vae = ctx.models.vae
+    _place(vae, device, ctx.weight_dtype)
+    vae.eval()
+    with torch.no_grad():
+        ctx.dataset_group.cache_latents(
+            vae, getattr(args, "vae_batch_size", 1) or 1, bool(getattr(args, "cache_latents_to_disk", False)),
+            ctx.accelerator.is_main_process,
+        )
+    vae.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    ctx.accelerator.wait_for_everyone()
+
+
+def _text_encode_fn(args: argparse.Namespace, ctx: TrainContext) -> Callable[[list[str]], torch.Tensor]:
+    from library import text_encoding
+
+    tokenizer, text_encoder = ctx.models.tokenizer, ctx.models.text_encoder
+    max_token_length, clip_skip = getattr(args, "max_token_length", None), getattr(args, "clip_skip", None)
+    weighted = bool(getattr(args, "weighted_captions", False))
+
+    def encode(captions: list[str]) -> torch.Tensor:
+        if weighted:
+            return text_encoding.encode_weighted_captions(
+                tokenizer, text_encoder, captions, max_token_length, clip_skip, ctx.weight_dtype
+            )
+        input_ids = text_encoding.tokenize_captions(tokenizer, captions, max_token_length)
+        return text_encoding.encode_input_ids(text_encoder, input_ids, tokenizer, max_token_length, clip_skip, ctx.weight_dtype)
+
+    return encode
+
+
+def _batches_per_rank(num_batches: int, world_size: int) -> int:
+    from library.datasets import EpochBatchSampler
+
+    return len(EpochBatchSampler(num_batches, 0, 0, 0, world_size))
+
+
+class _RunKeys(torch.utils.data.Sampler):
+    """This process's batch keys for the rest of the run: epoch after epoch, from a position.
+
+    The first `skip` keys of the start epoch are dropped from the key list (no batch is loaded
+    for them), so a resumed run sees exactly the batches the uninterrupted run would.
+    """
+
+    def __init__(self, num_batches: int, start_epoch: int, skip: int, num_epochs: int, rank: int, world_size: int):
+        self.num_batches, self.start_epoch, self.skip = num_batches, start_epoch, skip
+        self.num_epochs, self.rank, self.world_size = num_epochs, rank, world_size
+
+    def __iter__(self):
+        from library.datasets import EpochBatchSampler
+
+        for epoch in range(self.start_epoch, self.num_epochs):
+            keys = list(EpochBatchSampler(self.num_batches, epoch, 0, self.rank, self.world_size))
+            yield from keys[self.skip if epoch == self.start_epoch else 0:]
+
+    def __len__(self) -> int:
+        per_epoch = _batches_per_rank(self.num_batches, self.world_size)
+        return max(0, per_epoch * (self.num_epochs - self.start_epoch) - self.skip)
+
+
+class _KeyedBatches(torch.utils.data.Dataset):
+    def __init__(self, dataset_group: Any):
+        self.dataset_group = dataset_group
+
+    def __getitem__(self, key):
+        return key, self.dataset_group[key]
+
+    def __len__(self) -> int:
+        return len(self.dataset_group)
+
+
+def _keep_as_is(item):
+    return item
+
+
+def _make_run_loader(args, ctx: TrainContext, start_epoch: int, start_batch: int, rank: int, world_size: int):
+    """One DataLoader for the whole run (workers live for the whole run, epochs chain)."""
+    workers = min(int(getattr(args, "max_data_loader_n_workers", 0) or 0), max(0, (os.cpu_count() or 1) - 1))
+    sampler = _RunKeys(ctx.num_batches_per_epoch, start_epoch, start_batch // world_size, ctx.num_train_epochs, rank, world_size)
+    return torch.utils.data.DataLoader(
+        _KeyedBatches(ctx.dataset_group), sampler=sampler, batch_size=None, collate_fn=_keep_as_is,
+        num_workers=workers, pin_memory=ctx.accelerator.device.type == "cuda",
+    )
+
+
+def _batch_latents(batch: dict, ctx: TrainContext, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents of a batch: cached ones, or VAE-encoded now (no grad)."""
+    vae = ctx.models.vae
+    latents = batch.get("latents")
+    if latents is not None:
+        latents = latents.to(device, dtype=ctx.weight_dtype, non_blocking=True)
+    else:
+        images = batch["images"].to(device, dtype=ctx.weight_dtype, non_blocking=True)
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample(generator)
+        latents = torch.nan_to_num(latents, 0.0)  # fp16 VAEs may overflow on some images
+    return latents * vae.config.scaling_factor
+
+
+def _sample_during_training(args, ctx: TrainContext, method: TrainingMethod, epoch: Optional[int], step: int) -> None:
+    from library import sampling
+
+    if not sampling.should_sample(
+        epoch, step, getattr(args, "sample_every_n_epochs", None), getattr(args, "sample_every_n_steps", None),
+        bool(getattr(args, "sample_at_first", False)),
+    ):
+        return
+    accelerator = ctx.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        text_encoder, unet = method.sampling_models(ctx)
+        sampling.sample_images(
+            args.output_dir, getattr(args, "output_name", None), epoch, step, ctx.sample_prompts,
+            unet, ctx.models.vae, text_encoder, ctx.models.tokenizer,
+            sampler_name=getattr(args, "sample_sampler", "ddim") or "ddim",
+            v_parameterization=bool(getattr(args, "v_parameterization", False)),
+            clip_skip=getattr(args, "clip_skip", None), device=accelerator.device, dtype=ctx.weight_dtype,
+        )
+    accelerator.wait_for_everyone()
+
+
+def _debug_dataset(ctx: TrainContext) -> None:
+    from library import datasets
+
+    datasets.debug_dataset(ctx.dataset_group, epoch=0, max_batches=8)
+
+
+# --- the loop -------------------------------------------------------------------------
+class _Runner:
+    """State of one run; `run_training` is the entry point."""
+
+    def __init__(self, args: argparse.Namespace, method: TrainingMethod, hooks: TrainHooks):
+        self.args, self.method, self.hooks = args, method, hooks
+        self.pending: list[tuple[int, torch.Tensor, list[float]]] = []  # (step, loss, lrs) not read yet
+        self.step_losses: list[float] = []
+        self.epoch_losses: list[float] = []
+
+    # set-up ---------------------------------------------------------------------------
+    def setup(self) -> TrainContext:
+        from library import model_util
+
+        from library import sampling
+
+        args, method = self.args, self.method
+        _check_core_args(args)
+        train_util.verify_training_args(args)
+        method.verify_args(args)
+        resume_state = train_saving.read_resume_json(getattr(args, "resume", None))
+        if args.seed is None and "seed" in resume_state:
+            args.seed = int(resume_state["seed"])  # a resumed run keeps the random seed it started with
+        train_util.resolve_seed(args)
+        sample_prompts = sampling.load_sample_prompts(args.sample_prompts) if getattr(args, "sample_prompts", None) else []
+        accelerator = _build_accelerator(args)
+        weight_dtype = precision_dtype(args.mixed_precision) or torch.float32
+        save_dtype = precision_dtype(getattr(args, "save_precision", None))
+        if getattr(args, "full_fp16", False) and save_dtype is None:
+            save_dtype = torch.float16
+        torch.manual_seed(args.seed)
+
+        load_device = accelerator.device if getattr(args, "lowram", False) else torch.device("cpu")
+        models = model_util.load_target_model(
+            args.pretrained_model_name_or_path,
+            v2=bool(getattr(args, "v2", False)),
+            v_parameterization=bool(getattr(args, "v_parameterization", False)),
+            vae=getattr(args, "vae", None),
+            dtype=method.model_load_dtype(args, weight_dtype),
+            device=load_device,
+            tokenizer_cache_dir=getattr(args, "tokenizer_cache_dir", None),
+        )
+        if models.v2 and not args.v2:
+            logger.info("the model is an SD v2 model: training as v2")
+            args.v2 = True
+        ctx = TrainContext(
+            args=args, accelerator=accelerator, models=models, weight_dtype=weight_dtype, save_dtype=save_dtype,
+            sample_prompts=sample_prompts,
+        )
+        ctx.noise_scheduler = _noise_scheduler(args, accelerator.device)
+        ctx.dataset_group = _build_dataset_group(args, method, accelerator)
+        self.resume_state = resume_state
+        self.ctx = ctx
+        return ctx
+
+    def prepare(self) -> None:
+        args, method, ctx, accelerator = self.args, self.method, self.ctx, self.ctx.accelerator
+        models = ctx.models
+        device = accelerator.device
+        _set_attention(args, models.unet, models.vae)
+        if args.cache_latents:
+            _cache_latents(args, ctx, device)
+        torch.manual_seed(args.seed)  # network initialisation does not depend on what ran before
+        method.setup(ctx)
+
+        frozen_dtype = ctx.weight_dtype
+        models.vae.requires_grad_(False)
+        models.vae.eval()
+        if not args.cache_latents:
+            _place(models.vae, device, frozen_dtype)
+        _place(models.unet, device, None if _has_trained_weights(models.unet) else frozen_dtype)
+        _place(models.text_encoder, device, None if _has_trained_weights(models.text_encoder) else frozen_dtype)
+        if args.gradient_checkpointing:
+            models.unet.enable_gradient_checkpointing()
+            models.unet.train()
+            if method.train_text_encoder:
+                models.text_encoder.gradient_checkpointing_enable()
+                models.text_encoder.train()
+        else:
+            models.unet.train(method.train_unet)
+            models.text_encoder.train(method.train_text_encoder)
+
+        trainable = method.trainable_modules(ctx)
+        trainable_params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
+        if not trainable_params:
+            raise UserError("nothing to train: the training method has no trainable parameters")
+        if getattr(args, "full_fp16", False) or getattr(args, "full_bf16", False):
+            logger.info("full %s training: trained weights and gradients in %s", args.mixed_precision, ctx.weight_dtype)
+            for module in trainable.values():
+                module.to(ctx.weight_dtype)
+
+        from library import optimizers
+
+        ctx.optimizer_name, ctx.optimizer_args, optimizer = optimizers.get_optimizer(args, method.optimizer_params(ctx))
+        self._compute_lengths()
+        lr_scheduler = optimizers.get_scheduler_fix(args, optimizer, accelerator.num_processes)
+
+        self.encode_text = self._make_text_encoder()
+        step_module = DiffusionStep(trainable, models.unet, self.encode_text)
+        step_module, optimizer, lr_scheduler = accelerator.prepare(step_module, optimizer, lr_scheduler)
+        if getattr(args, "full_fp16", False):
+            _patch_scaler_for_fp16_grads(accelerator)
+        self.step_module = ctx.step_module = step_module
+        self.trainable_params = trainable_params
+        ctx.optimizer, ctx.lr_scheduler = optimizer, lr_scheduler
+
+        self.start_epoch, self.start_batch = 0, 0
+        if getattr(args, "resume", None):
+            state = train_saving.load_train_state(accelerator, args.resume)
+            self._apply_resume_state(state or self.resume_state)
+
+    def _compute_lengths(self) -> None:
+        args, ctx = self.args, self.ctx
+        world = ctx.accelerator.num_processes
+        ctx.num_batches_per_epoch = len(ctx.dataset_group)
+        if ctx.num_batches_per_epoch == 0:
+            raise UserError("no training images found: check --train_data_dir / --dataset_config")
+        self.batches_per_rank = _batches_per_rank(ctx.num_batches_per_epoch, world)
+        ctx.batches_per_process = self.batches_per_rank
+        accumulation = args.gradient_accumulation_steps or 1
+        self.updates_per_epoch = math.ceil(self.batches_per_rank / accumulation)
+        if getattr(args, "max_train_epochs", None):
+            args.max_train_steps = args.max_train_epochs * self.updates_per_epoch
+            logger.info("--max_train_epochs %d => %d steps", args.max_train_epochs, args.max_train_steps)
+        ctx.max_train_steps = args.max_train_steps
+        ctx.num_train_epochs = math.ceil(args.max_train_steps / self.updates_per_epoch)
+        if hasattr(ctx.dataset_group, "set_max_train_steps"):
+            ctx.dataset_group.set_max_train_steps(args.max_train_steps)
+
+    def _apply_resume_state(self, state: dict) -> None:
+        ctx = self.ctx
+        world = ctx.accelerator.num_processes
+        ctx.global_step = int(state.get("global_step", state.get("current_step", 0)))
+        self.start_epoch = int(state.get("epoch", state.get("current_epoch", 0)))
+        self.start_batch = int(state.get("batch_index", 0))
+        saved_world = int(state.get("num_processes", world))
+        if saved_world != world or self.start_batch % world:
+            logger.warning("the state was saved with %d processes, now %d: resuming at the epoch start", saved_world, world)
+            self.start_batch = 0
+        if self.start_batch >= ctx.num_batches_per_epoch:
+            self.start_epoch, self.start_batch = self.start_epoch + 1, 0
+        logger.info("resuming at step %d, epoch %d, batch %d", ctx.global_step, self.start_epoch + 1, self.start_batch)
+
+    def _make_text_encoder(self) -> Callable[[list[str]], torch.Tensor]:
+        args, ctx, method = self.args, self.ctx, self.method
+        encode = _text_encode_fn(args, ctx)
+        if not method.train_text_encoder and captions_are_fixed(args, ctx.dataset_group):
+            logger.info("caching text encoder outputs per caption")
+            return TextEmbeddingCache(encode)
+        return encode
+
+    # the loop ---------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        args, ctx, method, accelerator = self.args, self.ctx, self.method, self.ctx.accelerator
+        plan = train_saving.SavePlan.from_args(args, ctx.num_train_epochs)
+        self.plan = plan
+        ext = method.model_extension(args)
+        if accelerator.is_main_process:
+            accelerator.init_trackers(getattr(args, "log_tracker_name", None) or method.tracker_name)
+        logger.info(
+            "training: %d batches per epoch, %d epochs, %d steps, %d processes, batch size %s, accumulation %d",
+            ctx.num_batches_per_epoch, ctx.num_train_epochs, ctx.max_train_steps, accelerator.num_processes,
+            getattr(args, "train_batch_size", None), args.gradient_accumulation_steps,
+        )
+        progress = tqdm(
+            total=ctx.max_train_steps, initial=ctx.global_step, smoothing=0,
+            disable=not accelerator.is_local_main_process, desc="steps",
+        )
+        self.progress = progress
+        read_every = 1 if accelerator.device.type == "cpu" else LOSS_READ_INTERVAL
+        if getattr(args, "sample_at_first", False) and ctx.global_step == 0:
+            self._sample(epoch=0, step=0)
+
+        loader = _make_run_loader(
+            args, ctx, self.start_epoch, self.start_batch, accelerator.process_index, accelerator.num_processes
+        )
+        accumulation = args.gradient_accumulation_steps or 1
+        world = accelerator.num_processes
+        epoch = self.start_epoch
+        micro = self.start_batch // world  # this rank's position in the epoch
+        stopped = ctx.global_step >= ctx.max_train_steps
+        if not stopped:
+            self._epoch_start(epoch)
+        step_loss = None
+        for (key_epoch, batch_index), batch in (loader if not stopped else ()):
+            if key_epoch != epoch:
+                raise RuntimeError(f"batch order broken: got epoch {key_epoch} while in epoch {epoch}")
+            sync = (micro + 1) % accumulation == 0 or micro + 1 == self.batches_per_rank
+            seed = step_seed(args.seed, epoch, batch_index)
+            torch.manual_seed(seed)  # network dropout and other users of the global RNG
+            generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+            with accelerator.no_sync(self.step_module) if not sync else contextlib.nullcontext():
+                loss = self._loss(batch, generator)
+                accelerator.backward(loss / accumulation)
+            detached = loss.detach()
+            step_loss = detached if step_loss is None else step_loss + detached
+            micro += 1
+            if sync:
+                if getattr(args, "max_grad_norm", 0):
+                    accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
+                ctx.optimizer.step()
+                ctx.lr_scheduler.step()
+                ctx.optimizer.zero_grad(set_to_none=True)
+                ctx.global_step += 1
+                progress.update(1)
+                micro_in_step = micro % accumulation or accumulation
+                lrs = [float(lr) for lr in ctx.lr_scheduler.get_last_lr()]
+                self.pending.append((ctx.global_step, step_loss / micro_in_step, lrs))
+                step_loss = None
+                if len(self.pending) >= read_every:
+                    self._read_losses()
+                self._after_step(epoch, micro, ext)
+            if micro == self.batches_per_rank:
+                self._epoch_end(epoch, ext)
+                epoch, micro = epoch + 1, 0
+                if epoch < ctx.num_train_epochs and ctx.global_step < ctx.max_train_steps:
+                    self._epoch_start(epoch)
+            if self._stop_requested():
+                stopped = True
+                break
+            if ctx.global_step >= ctx.max_train_steps or epoch >= ctx.num_train_epochs:
+                break
+        self.position = (epoch, micro)
+        self._read_losses()
+        progress.close()
+        final_path = None
+        if not stopped:
+            final_path = self._final_save(ext)
+        ctx.accelerator.end_training()
+        if self.hooks.on_train_end is not None:
+            self.hooks.on_train_end(ctx)
+        return TrainResult(ctx.global_step, ctx.epoch, list(self.step_losses), final_path, stopped)
+
+    def _stop_requested(self) -> bool:
+        stop = self.hooks.stop_after_step
+        return stop is not None and self.ctx.global_step >= stop
+
+    def _epoch_start(self, epoch: int) -> None:
+        self.ctx.epoch = epoch
+        self.epoch_losses = []
+        logger.info("epoch %d/%d", epoch + 1, self.ctx.num_train_epochs)
+        self.method.on_epoch_start(self.ctx, epoch)
+
+    def _loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        from library import custom_train_functions as ctf
+
+        args, ctx = self.args, self.ctx
+        device = ctx.accelerator.device
+        latents = _batch_latents(batch, ctx, device, generator)
+        noise, noisy_latents, timesteps = ctf.get_timesteps_and_noisy_latents(args, ctx.noise_scheduler, latents, generator)
+        captions = list(batch["captions"])
+        if self.method.train_text_encoder:
+            prediction = self.step_module(noisy_latents, timesteps, captions=captions)
+        else:
+            with torch.no_grad():
+                states = self.encode_text(captions)
+            prediction = self.step_module(noisy_latents, timesteps, states)
+        target = ctf.get_target(ctx.noise_scheduler, latents, noise, timesteps, bool(getattr(args, "v_parameterization", False)))
+        return ctf.compute_loss(args, ctx.noise_scheduler, prediction, target, timesteps, batch.get("loss_weights"))
+
+    def _read_losses(self) -> None:
+        """Read pending losses (one host sync), check them, update progress bar and trackers."""
+        if not self.pending:
+            return
+        ctx, accelerator = self.ctx, self.ctx.accelerator
+        values = torch.stack([loss.float() for _, loss, _ in self.pending]).cpu().tolist()
+        for (step, _, lrs), value in zip(self.pending, values):
+            if not math.isfinite(value):
+                raise UserError(
+                    f"loss became {value} at step {step}: training diverged (lower --learning_rate, "
+                    "check --mixed_precision / --full_fp16, or the data)"
+                )
+            self.step_losses.append(value)
+            self.epoch_losses.append(value)
+            average = sum(self.epoch_losses) / len(self.epoch_losses)
+            logs = {"loss/current": value, "loss/average": average}
+            names = self.method.lr_log_names(ctx, len(lrs))
+            for name, lr, group in zip(names, lrs, ctx.optimizer.param_groups):
+                logs[name] = lr
+                if "d" in group:  # D-Adaptation / Prodigy report the effective lr
+                    logs[f"{name}/d*lr"] = float(group["d"]) * float(group["lr"])
+            accelerator.log(logs, step=step)
+        self.progress.set_postfix(avr_loss=f"{average:.4g}", loss=f"{value:.4g}", lr=f"{lrs[0]:.3g}")
+        self.pending = []
+
+    def _after_step(self, epoch: int, micro: int, ext: str) -> None:
+        args, ctx, plan = self.args, self.ctx, self.plan
+        step = ctx.global_step
+        self._sample(epoch=None, step=step)
+        if plan.saves_at_step(step):
+            self._read_losses()
+            self._save_model(plan.step_model_path(step, ext), epoch, step, final=False)
+            self._remove(plan.outdated_step_model(step, ext))
+            if plan.save_state:
+                self._save_state(plan.step_state_dir(step), epoch, micro)
+                self._remove(plan.outdated_step_state(step))
+
+    def _epoch_end(self, epoch: int, ext: str) -> None:
+        plan = self.plan
+        epoch_no = epoch + 1
+        self._read_losses()
+        if plan.saves_at_epoch_end(epoch_no):
+            self._save_model(plan.epoch_model_path(epoch_no, ext), epoch_no, self.ctx.global_step, final=False)
+            self._remove(plan.outdated_epoch_model(epoch_no, ext))
+            if plan.save_state:
+                self._save_state(plan.epoch_state_dir(epoch_no), epoch_no, 0)
+                self._remove(plan.outdated_epoch_state(epoch_no))
+        self._sample(epoch=epoch_no, step=self.ctx.global_step)
+
+    def _final_save(self, ext: str) -> Optional[Path]:
+        plan, ctx = self.plan, self.ctx
+        path = plan.last_model_path(ext)
+        self._save_model(path, ctx.num_train_epochs, ctx.global_step, final=True)
+        if plan.save_state:
+            self._save_state(plan.last_state_dir(), *self.position)
+        return path
+
+    def _save_model(self, path: Path, epoch_no: int, step: int, final: bool) -> None:
+        accelerator = self.ctx.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            logger.info("saving model: %s", path)
+            self.method.save(self.ctx, path, epoch_no, step, final)
+        accelerator.wait_for_everyone()
+
+    def _save_state(self, state_dir: Path, epoch: int, micro_in_epoch: int) -> None:
+        ctx = self.ctx
+        world = ctx.accelerator.num_processes
+        if micro_in_epoch >= self.batches_per_rank:  # a step that ended an epoch
+            epoch, micro_in_epoch = epoch + 1, 0
+        train_state = {
+            "global_step": ctx.global_step,
+            "epoch": epoch,
+            "batch_index": micro_in_epoch * world,
+            "num_processes": world,
+            "seed": self.args.seed,
+            "max_train_steps": ctx.max_train_steps,
+            # sd-scripts' names
+            "current_step": ctx.global_step,
+            "current_epoch": epoch,
+        }
+        train_saving.save_train_state(ctx.accelerator, state_dir, train_state)
+
+    def _remove(self, path: Optional[Path]) -> None:
+        if self.ctx.accelerator.is_main_process:
+            train_saving.remove_old(path)
+
+    def _sample(self, epoch: Optional[int], step: int) -> None:
+        if self.ctx.sample_prompts:
+            _sample_during_training(self.args, self.ctx, self.method, epoch, step)
+
+
+def run_training(args: argparse.Namespace, method: TrainingMethod, hooks: Optional[TrainHooks] = None) -> TrainResult:
+    """Train with `method` according to `args` (sd-scripts flags); returns losses and the output path."""
+    runner = _Runner(args, method, hooks or TrainHooks())
+    runner.setup()
+    if getattr(args, "debug_dataset", False):
+        _debug_dataset(runner.ctx)
+        return TrainResult(0, 0, [], None, True)
+    runner.prepare()
+    return runner.train()
