@@ -1,0 +1,74 @@
+"""Our LoRA files load in diffusers (`pipe.load_lora_weights`, kohya converter + peft) with
+the same effect as our own network: proves the key names and alpha semantics that
+A1111 / ComfyUI / diffusers expect."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from library.tokenizer_util import load_tokenizer
+from networks import lora
+
+TOKEN_IDS = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 3])
+
+
+def unet_output(unet) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 5, unet.config.cross_attention_dim, generator=gen)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([10, 600]), context).sample
+
+
+def te_output(text_encoder) -> torch.Tensor:
+    with torch.no_grad():
+        return text_encoder(TOKEN_IDS)[0]
+
+
+def assert_rel_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_diffusers_load_lora_weights_matches_our_network(tiny_models_v1, tiny_models_v2, tmp_path, v2):
+    unet, vae, text_encoder = tiny_models_v2 if v2 else tiny_models_v1
+    # C3Lier covers every LierLa module plus 3x3 convs (conv_alpha != network_alpha), time_emb_proj, conv_shortcut
+    network_args = {"conv_dim": "3", "conv_alpha": "1.5"}
+    our_unet, our_te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    network = lora.create_network(1.0, 4, 2.0, vae, our_te, our_unet, **network_args)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if "lora_up" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    path = tmp_path / "interop.safetensors"
+    network.save_weights(path, None, {"ss_network_module": "networks.lora"})
+    network.apply_to(our_te, our_unet)
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae),
+        text_encoder=copy.deepcopy(text_encoder),
+        tokenizer=load_tokenizer(v2),
+        unet=copy.deepcopy(unet),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.load_lora_weights(str(path), adapter_name="ours")
+
+    base_u, base_t = unet_output(unet), te_output(text_encoder)
+    diff_u, diff_t = unet_output(pipe.unet), te_output(pipe.text_encoder)
+    assert (diff_u - base_u).abs().max() > 1e-2  # the LoRA does something
+    assert (diff_t - base_t).abs().max() > 1e-2
+    assert_rel_close(diff_u, unet_output(our_unet))
+    assert_rel_close(diff_t, te_output(our_te))
+
+    # same multiplier semantics: diffusers adapter weight == our multiplier
+    pipe.set_adapters(["ours"], adapter_weights=[0.5])
+    network.set_multiplier(0.5)
+    assert_rel_close(unet_output(pipe.unet), unet_output(our_unet))
+    assert_rel_close(te_output(pipe.text_encoder), te_output(our_te))
