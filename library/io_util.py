@@ -14,6 +14,13 @@ from typing import Iterator, Union
 PathLike = Union[str, os.PathLike]
 
 
+def _default_file_mode() -> int:
+    """The mode a plainly created file would get (mkstemp makes 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` atomically.
@@ -29,6 +36,8 @@ def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, target.stat().st_mode & 0o777 if target.is_file() else _default_file_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -47,6 +56,8 @@ def atomic_dir(target: PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        # mkdtemp makes 0700 folders; give the output the mode a plain mkdir would
+        os.chmod(tmp, _default_file_mode() | ((_default_file_mode() & 0o444) >> 2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
