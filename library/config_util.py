@@ -268,7 +268,7 @@ def _describe_invalid(err: MultipleInvalid) -> str:
         where = ""
         for item in error.path:
             where += f"[{item}]" if isinstance(item, int) else (f".{item}" if where else str(item))
-        message = error.msg
+        message = error.msg or "invalid value (expected [low, high] / [width, height] pairs where pairs are used)"
         if message == "extra keys not allowed":
             message = "unknown key (or not allowed for this script / at this level)"
         elif message.startswith("expected"):
