@@ -102,50 +102,20 @@ def lora_delta_weight(
     return delta.reshape(target_shape) * scale
 
 
-class LoRAModule(torch.nn.Module):
-    """Low-rank adapter around one Linear / Conv2d layer."""
+class BaseLoRAModule(torch.nn.Module):
+    """Routing of a base layer's forward through an adapter, and merging into its weight."""
 
-    def __init__(
-        self,
-        lora_name: str,
-        org_module: torch.nn.Module,
-        multiplier: float = 1.0,
-        lora_dim: int = 4,
-        alpha: Any = 1.0,
-        dropout: Optional[float] = None,
-        rank_dropout: Optional[float] = None,
-        module_dropout: Optional[float] = None,
-    ) -> None:
+    def __init__(self, lora_name: str, org_module: torch.nn.Module, multiplier: float, lora_dim: int, alpha: Any):
         super().__init__()
         self.lora_name = lora_name
         self.lora_dim = lora_dim
         self.kind = layer_kind(org_module)
         if self.kind is None:
             raise TypeError(f"{lora_name}: LoRA supports Linear and Conv2d layers, not {type(org_module).__name__}")
-        if isinstance(org_module, torch.nn.Conv2d):
-            self.lora_down = torch.nn.Conv2d(
-                org_module.in_channels,
-                lora_dim,
-                org_module.kernel_size,
-                org_module.stride,
-                org_module.padding,
-                org_module.dilation,
-                bias=False,
-            )
-            self.lora_up = torch.nn.Conv2d(lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
-        else:
-            self.lora_down = torch.nn.Linear(org_module.in_features, lora_dim, bias=False)
-            self.lora_up = torch.nn.Linear(lora_dim, org_module.out_features, bias=False)
-        torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        torch.nn.init.zeros_(self.lora_up.weight)
-
         alpha = normalize_alpha(alpha, lora_dim)
         self.scale = alpha / lora_dim
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
         self.multiplier = multiplier
-        self.dropout = dropout
-        self.rank_dropout = rank_dropout
-        self.module_dropout = module_dropout
         # a plain list keeps the base layer out of this module's parameters and state_dict
         self._org_module = [org_module]
         self.org_forward = None
@@ -175,6 +145,65 @@ class LoRAModule(torch.nn.Module):
             del org.forward
         self.org_forward = None
 
+    def _update_scale(self) -> None:
+        self.scale = normalize_alpha(self.alpha, self.lora_dim) / self.lora_dim
+
+    def merge_weights(
+        self,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        alpha: Optional[torch.Tensor],
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        """Add multiplier·ΔW of the given weights into the base layer's weight."""
+        weight = self.org_module.weight
+        device = device or weight.device
+        delta = lora_delta_weight(down.to(device), up.to(device), alpha, weight.shape)
+        merged = weight.detach().to(device).float() + self.multiplier * delta
+        with torch.no_grad():
+            self.org_module.weight.data = merged.to(dtype or weight.dtype)
+
+
+class LoRAModule(BaseLoRAModule):
+    """Low-rank adapter around one Linear / Conv2d layer."""
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: torch.nn.Module,
+        multiplier: float = 1.0,
+        lora_dim: int = 4,
+        alpha: Any = 1.0,
+        dropout: Optional[float] = None,
+        rank_dropout: Optional[float] = None,
+        module_dropout: Optional[float] = None,
+    ) -> None:
+        super().__init__(lora_name, org_module, multiplier, lora_dim, alpha)
+        if isinstance(org_module, torch.nn.Conv2d):
+            self.lora_down = torch.nn.Conv2d(
+                org_module.in_channels,
+                lora_dim,
+                org_module.kernel_size,
+                org_module.stride,
+                org_module.padding,
+                org_module.dilation,
+                bias=False,
+            )
+            self.lora_up = torch.nn.Conv2d(lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
+        else:
+            self.lora_down = torch.nn.Linear(org_module.in_features, lora_dim, bias=False)
+            self.lora_up = torch.nn.Linear(lora_dim, org_module.out_features, bias=False)
+        torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.lora_up.weight)
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._update_scale()  # a loaded alpha changes the scale
+
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """up(down(x)) · multiplier · scale, with the training-time dropouts."""
         lx = self.lora_down(x.to(self.lora_down.weight.dtype))
@@ -196,21 +225,6 @@ class LoRAModule(torch.nn.Module):
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return org_out
         return org_out + self.lora_output(x).to(org_out.dtype)
-
-    def merge_weights(
-        self,
-        down: torch.Tensor,
-        up: torch.Tensor,
-        alpha: Optional[torch.Tensor],
-        dtype: Optional[torch.dtype] = None,
-        device: Optional[torch.device] = None,
-    ) -> None:
-        """Add multiplier·ΔW of the given weights into the base layer's weight."""
-        weight = self.org_module.weight
-        delta = lora_delta_weight(down.to(device or weight.device), up.to(device or weight.device), alpha, weight.shape)
-        merged = weight.detach().to(device or weight.device).float() + self.multiplier * delta
-        with torch.no_grad():
-            self.org_module.weight.data = merged.to(dtype or weight.dtype)
 
 
 class LoRANetwork(torch.nn.Module):
