@@ -77,7 +77,7 @@ _UNSUPPORTED_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "this tracker option is not supported": ("wandb_run_name", "log_tracker_config", "log_config"),
     "SDXL / SD3 options are not supported (SD 1.x / 2.x only)": (
-        "sdxl", "learning_rate_te", "learning_rate_te1", "learning_rate_te2", "no_half_vae",
+        "sdxl", "learning_rate_te1", "learning_rate_te2", "no_half_vae",
         "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "train_text_encoder_1",
         "train_text_encoder_2", "disable_mmap_load_safetensors", "fused_backward_pass", "blocks_to_swap",
         "cpu_offload_checkpointing",
@@ -347,18 +347,27 @@ def _refuse(name: str, source: str) -> None:
 
 
 def check_unsupported_flags(
-    argv_or_args: Union[Sequence[str], argparse.Namespace, Mapping[str, Any]], source: Optional[str] = None
+    argv_or_args: Union[Sequence[str], argparse.Namespace, Mapping[str, Any]],
+    source: Optional[str] = None,
+    known_flags: Optional[Iterable[str]] = None,
 ) -> None:
     """Refuse flags of newer sd-scripts that are not implemented, with a message naming the flag.
 
-    Accepts a raw command line (call it before `parser.parse_args`, whose generic error would not
-    say why) or a Namespace / mapping of values (e.g. keys read from a TOML config).
+    Accepts a raw command line (before argparse, whose generic error would not say why) or a
+    Namespace / mapping of values (e.g. keys read from a TOML config). `known_flags` are the flags
+    the script's parser registers: a script that implements one of the listed flags itself wins.
     """
     where = f" (in {source})" if source else ""
+    known = set(known_flags or ())
+
+    def unsupported(name: str) -> bool:
+        # flags registered only to accept their default value (e.g. --loss_type l2) are still checked
+        return name in UNSUPPORTED_FLAGS and (name not in known or name in _UNSUPPORTED_ALLOWED_VALUES)
+
     if isinstance(argv_or_args, (argparse.Namespace, Mapping)):
         values = vars(argv_or_args) if isinstance(argv_or_args, argparse.Namespace) else argv_or_args
         for name, value in values.items():
-            if name in UNSUPPORTED_FLAGS and _flag_used(name, value):
+            if unsupported(name) and _flag_used(name, value):
                 _refuse(name, where)
         return
     tokens = list(argv_or_args)
@@ -366,7 +375,7 @@ def check_unsupported_flags(
         if not token.startswith("--"):
             continue
         name, has_value, inline_value = token[2:].partition("=")
-        if name not in UNSUPPORTED_FLAGS:
+        if not unsupported(name):
             continue
         if has_value:
             value: Any = inline_value
@@ -466,17 +475,22 @@ def read_config_from_file(
 
     logger.info("loading settings from %s", config_path)
     flat = load_config_toml(config_path)
-    check_unsupported_flags(flat, source=str(config_path))
+    check_unsupported_flags(flat, source=str(config_path), known_flags=iter_flag_names(parser))
     args = parser.parse_args(argv, namespace=argparse.Namespace(**flat))
     args.config_file = os.path.splitext(str(args.config_file))[0]
     return args
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """Script helper: refuse unsupported flags, parse `argv`, then apply `--config_file`."""
-    if argv is not None:
-        check_unsupported_flags(argv)
-    args = parser.parse_args(argv)
+    """Script helper: parse `argv` (None: argparse reads the command line), refusing unsupported
+    newer sd-scripts flags with a clear message, then apply `--config_file` (may raise
+    `OutputConfigWritten`). Other unknown flags get argparse's usual error."""
+    known = set(iter_flag_names(parser))
+    args, extras = parser.parse_known_args(argv)
+    check_unsupported_flags(extras, known_flags=known)
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    check_unsupported_flags(args, known_flags=known)
     return read_config_from_file(args, parser, argv)
 
 
@@ -502,7 +516,6 @@ def verify_training_args(args: argparse.Namespace) -> None:
     Adjusts a few values in place as sd-scripts does (cache_latents_to_disk implies cache_latents,
     sample_every_n_* <= 0 disables sampling).
     """
-    check_unsupported_flags(args)
     if _get(args, "v_parameterization") and not _get(args, "v2"):
         logger.warning("--v_parameterization without --v2: v-prediction is meant for SD2 768 models")
     if _get(args, "v2") and _get(args, "clip_skip") is not None:
@@ -528,8 +541,6 @@ def verify_training_args(args: argparse.Namespace) -> None:
         raise UserError(f"--save_precision must be one of float, fp16, bf16 (got {_get(args, 'save_precision')!r})")
     if _get(args, "max_token_length") not in MAX_TOKEN_LENGTH_CHOICES:
         raise UserError(f"--max_token_length must be 150 or 225, or left out for 75 (got {args.max_token_length!r})")
-    if _get(args, "save_model_as") not in SAVE_MODEL_AS_CHOICES and not _get(args, "network_module"):
-        raise UserError(f"--save_model_as: unknown format {_get(args, 'save_model_as')!r}")
 
     if _get(args, "noise_offset") is not None and _get(args, "multires_noise_iterations") is not None:
         raise UserError("--noise_offset and --multires_noise_iterations cannot be used at the same time")

@@ -348,3 +348,17 @@ def test_seed_helpers():
     c = torch.randn(4, generator=train_util.make_generator(42, 4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert train_util.resolve_lr_warmup_steps(0.1, 200) == 20 and train_util.resolve_lr_warmup_steps(7, 200) == 7
+
+
+def test_script_registered_flag_wins_and_unknown_flags_get_argparse_error(tmp_path):
+    parser = make_parser()
+    parser.add_argument("--scale_weight_norms", type=float, default=None)  # a script implementing it
+    args = train_util.parse_args_with_config(parser, ["--scale_weight_norms", "1.0"])
+    assert args.scale_weight_norms == 1.0
+    config = write(tmp_path / "s.toml", "scale_weight_norms = 2.0\n")
+    assert train_util.parse_args_with_config(parser, ["--config_file", str(config)]).scale_weight_norms == 2.0
+    with pytest.raises(UserError, match="--loss_type"):  # registered only for its default value
+        train_util.parse_args_with_config(parser, ["--loss_type", "huber"])
+    with pytest.raises(SystemExit) as info:
+        train_util.parse_args_with_config(parser, ["--no_such_flag_at_all"])
+    assert info.value.code == 2
