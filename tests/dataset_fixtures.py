@@ -57,3 +57,19 @@ def write_json(path: Path, data: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
     return path
+
+
+class single_torch_thread:
+    """Context manager: run torch on one thread (tiny models are much faster so on a busy machine)."""
+
+    def __enter__(self) -> "single_torch_thread":
+        import torch
+
+        self._previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self._previous)
