@@ -467,6 +467,8 @@ def read_config_from_file(
     written to the TOML and `OutputConfigWritten` is raised: the script must stop, exit status 0.
     """
     if not args.config_file:
+        if getattr(args, "output_config", False):
+            raise UserError("--output_config needs --config_file (the .toml to write)")
         return args
     config_path = config_file_path(args.config_file)
     if args.output_config:

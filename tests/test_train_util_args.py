@@ -173,6 +173,8 @@ def test_config_file_errors_name_file_and_line(parser, tmp_path):
 def test_read_config_without_config_file_returns_args(parser):
     args = parser.parse_args(["--seed", "3"])
     assert train_util.read_config_from_file(args, parser, ["--seed", "3"]) is args
+    with pytest.raises(UserError, match="--output_config needs --config_file"):
+        train_util.parse_args_with_config(parser, ["--output_config"])
 
 
 # ---- unsupported flags ----
