@@ -26,14 +26,12 @@ logger = logging.getLogger(__name__)
 # output names (SPEC 1.9); `ext` passed to the name helpers may be "safetensors" or ".safetensors"
 EPOCH_STATE_NAME = "{}-{:06d}-state"
 EPOCH_FILE_NAME = "{}-{:06d}"
-EPOCH_DIFFUSERS_DIR_NAME = "{}-{:06d}"
 LAST_STATE_NAME = "{}-state"
 DEFAULT_EPOCH_NAME = "epoch"
 DEFAULT_LAST_OUTPUT_NAME = "last"
 DEFAULT_STEP_NAME = "at"
 STEP_STATE_NAME = "{}-step{:08d}-state"
 STEP_FILE_NAME = "{}-step{:08d}"
-STEP_DIFFUSERS_DIR_NAME = "{}-step{:08d}"
 
 SAMPLER_CHOICES = [
     "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
@@ -92,7 +90,6 @@ _UNSUPPORTED_ALLOWED_VALUES: dict[str, tuple] = {
     "caption_separator": (",",),
     "keep_tokens_separator": ("",),
     "dynamo_backend": ("inductor",),
-    "base_weights_multiplier": (),
 }
 
 
