@@ -10,9 +10,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from library.captions import clean_metadata  # noqa: E402
+from library.captions import clean_metadata, read_metadata_file  # noqa: E402
 from library.cli import run_main  # noqa: E402
-from library.datasets import read_metadata_file  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.io_util import write_text_atomic  # noqa: E402
 

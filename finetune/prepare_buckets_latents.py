@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from library.buckets import BucketManager, parse_resolution  # noqa: E402
+from library.captions import read_metadata_file  # noqa: E402
 from library.cli import run_main  # noqa: E402
-from library.datasets import read_metadata_file  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.image_util import glob_images, glob_images_recursive, load_image  # noqa: E402
 from library.io_util import write_text_atomic  # noqa: E402

@@ -5,6 +5,7 @@ the dataset seeds from (seed, epoch, batch_index, position).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -117,6 +118,20 @@ def process_caption(
 
 
 # --- metadata JSON helpers for the finetune/ scripts ----------------------------------------------
+def read_metadata_file(path: str | Path) -> dict:
+    """Metadata JSON object; UserError naming the file when missing, unreadable or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"metadata file {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"metadata file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"metadata file {path} must hold a JSON object keyed by image")
+    return data
+
+
 def merge_text_files_into_metadata(
     metadata: dict, image_paths: Iterable[Path], field_name: str, extension: str, full_path: bool
 ) -> int:

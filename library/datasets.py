@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from library import latent_cache
 from library.buckets import BucketManager, cover_size
-from library.captions import CaptionSettings, process_caption, read_caption, update_tag_frequency
+from library.captions import CaptionSettings, process_caption, read_caption, read_metadata_file, update_tag_frequency
 from library.errors import UserError
 from library.image_util import (
     color_aug,
@@ -401,20 +401,6 @@ class FineTuningDataset(BaseDataset):
                 if info.image_size is None:
                     raise UserError(f"{info.image_key}: only an .npz exists but npz latents cannot be used here")
         return all_have_reso
-
-
-def read_metadata_file(path: str | Path) -> dict:
-    """Metadata JSON object; UserError naming the file when missing, unreadable or not an object."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"metadata file {path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"metadata file {path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"metadata file {path} must hold a JSON object keyed by image")
-    return data
 
 
 def resolve_image_path(image_key: str, image_dir: str | None) -> str | None:

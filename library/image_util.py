@@ -10,14 +10,16 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from library.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +186,8 @@ def flip_horizontal(image: np.ndarray) -> np.ndarray:
 
 def to_model_tensor(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float32 in [-1, 1]."""
+    import torch  # late: the caption/metadata scripts use this module without torch
+
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
     return tensor / 127.5 - 1.0
 
