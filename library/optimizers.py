@@ -162,6 +162,8 @@ def get_optimizer(args: argparse.Namespace, trainable_params: Any) -> tuple[str,
     if key in _BUILTIN_OPTIMIZERS:
         module_name, attr_path, package = _BUILTIN_OPTIMIZERS[key]
         optimizer_class = _import_class(module_name, attr_path, package, what)
+        if package == _BNB and not torch.cuda.is_available():
+            raise UserError(f"{what} (bitsandbytes) needs a CUDA GPU; use AdamW, Lion or another optimizer on CPU")
         if key in ("sgdnesterov", "sgdnesterov8bit"):
             if "momentum" not in kwargs:
                 logger.info("SGD with Nesterov needs momentum: momentum=0.9 is used")

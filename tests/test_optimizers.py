@@ -43,8 +43,8 @@ def one_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter])
 
 @pytest.mark.parametrize("name", optimizers.OPTIMIZER_NAMES)
 def test_every_optimizer_constructs_and_steps(name):
-    if name in BNB_NAMES and not HAS_BNB:
-        pytest.skip(f"{name} needs bitsandbytes (CUDA), which is not installed")
+    if name in BNB_NAMES and not (HAS_BNB and torch.cuda.is_available()):
+        pytest.skip(f"{name} needs bitsandbytes and a CUDA GPU (not available here)")
     adaptive = name.lower().startswith("dadapt") or name == "Prodigy"
     args = parse("--optimizer_type", name, "--learning_rate", "1.0" if adaptive else "0.01")
     params = tiny_params()
@@ -218,3 +218,32 @@ def test_custom_scheduler_type():
         lr_after(1, "--lr_scheduler_type", "StepLR", "--lr_scheduler_args", "bad_arg=1")
     with pytest.raises(UserError, match="nowhere_mod"):
         lr_after(1, "--lr_scheduler_type", "nowhere_mod.Sched")
+
+
+class _FakeBnbOptimizer(torch.optim.SGD):
+    """Stands in for a bitsandbytes optimizer (same constructor shape) to test the name mapping."""
+
+    def __init__(self, params, lr, **kwargs):
+        self.received = dict(kwargs)
+        kwargs.pop("percentile_clipping", None)
+        super().__init__(params, lr=lr, momentum=kwargs.get("momentum", 0.0), nesterov=kwargs.get("nesterov", False))
+
+
+def test_bitsandbytes_mapping_with_a_stand_in_module(monkeypatch):
+    import types
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(**{name: type(name, (_FakeBnbOptimizer,), {}) for name in (
+        "AdamW8bit", "SGD8bit", "Lion8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "PagedLion8bit")})
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="AdamW8bit.*CUDA GPU"):
+        optimizers.get_optimizer(parse("--optimizer_type", "AdamW8bit"), tiny_params())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _, _, optimizer = optimizers.get_optimizer(parse("--use_8bit_adam"), tiny_params())
+    assert type(optimizer).__name__ == "AdamW8bit"
+    _, args_text, optimizer = optimizers.get_optimizer(parse("--optimizer_type", "sgdnesterov8bit"), tiny_params())
+    assert type(optimizer).__name__ == "SGD8bit" and optimizer.received == {"momentum": 0.9, "nesterov": True}
+    assert args_text == "momentum=0.9"
+    _, _, optimizer = optimizers.get_optimizer(parse("--optimizer_type", "PagedLion8bit"), tiny_params())
+    assert type(optimizer).__name__ == "PagedLion8bit"
