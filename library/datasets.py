@@ -7,7 +7,6 @@ same batches. Epochs are 0-based.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -273,7 +272,8 @@ class DreamBoothDataset(BaseDataset):
     def _scan_folder(self, subset: DreamBoothSubset, subset_index: int) -> list[ImageInfo]:
         infos = []
         missing_captions = 0
-        for path in glob_images(subset.image_dir):  # type: ignore[arg-type]
+        paths = glob_images(subset.image_dir)  # type: ignore[arg-type]
+        for path in tqdm(paths, desc=f"reading {Path(subset.image_dir).name}", leave=False, disable=len(paths) < 100):
             try:
                 size = read_image_size(path)
             except UserError as err:
@@ -339,7 +339,7 @@ class FineTuningDataset(BaseDataset):
     def _read_entries(self, subset: FineTuningSubset, index: int, metadata: dict) -> tuple[list[ImageInfo], list[str]]:
         infos, tags_list = [], []
         source = subset.metadata_file
-        for key, entry in metadata.items():
+        for key, entry in tqdm(metadata.items(), desc=f"reading {Path(source).name}", leave=False, disable=len(metadata) < 100):
             if not isinstance(entry, dict):
                 raise UserError(f"{source}: entry {key!r} must be an object with caption/tags")
             path = resolve_image_path(key, subset.image_dir)
