@@ -108,6 +108,8 @@ class TrainHooks:
 
     #: stop right after this optimizer step (after its saves), as if the process were killed
     stop_after_step: Optional[int] = None
+    #: called on every process before the first step (after models, optimizer and --resume are ready)
+    on_train_start: Optional[Callable[["TrainContext"], None]] = None
     #: called on every process at the end of training with the context
     on_train_end: Optional[Callable[["TrainContext"], None]] = None
 
@@ -625,6 +627,8 @@ class _Runner:
             disable=not accelerator.is_local_main_process, desc="steps",
         )
         self.progress = progress
+        if self.hooks.on_train_start is not None:
+            self.hooks.on_train_start(ctx)
         read_every = 1 if accelerator.device.type == "cpu" else LOSS_READ_INTERVAL
         if getattr(args, "sample_at_first", False) and ctx.global_step == 0:
             self._sample(epoch=0, step=0)

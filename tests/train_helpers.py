@@ -14,8 +14,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-if __name__ == "__main__":  # run as a script by torchrun: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # train_network.py lives at the root (also when run by torchrun)
+    sys.path.insert(0, str(REPO_ROOT))
 
 from library import train_core, train_util  # noqa: E402
 
