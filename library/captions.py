@@ -89,11 +89,13 @@ def process_caption(
     epoch: int,
     step: int,
     max_train_steps: int | None = None,
+    replacements: dict[str, str | list[str]] | None = None,
 ) -> str:
     """The caption the model sees at this step (sd-scripts order: dropout, warm-up, keep, shuffle, tag dropout).
 
     `epoch` is 0-based; caption_dropout_every_n_epochs drops on 1-based epochs divisible by n,
-    as sd-scripts does.
+    as sd-scripts does. `replacements` (textual inversion) then replace text; the key "" replaces
+    the whole caption (by one of a list of templates, chosen at random).
     """
     drop = settings.caption_dropout_rate > 0 and rng.random() < settings.caption_dropout_rate
     every_n = settings.caption_dropout_every_n_epochs
@@ -101,8 +103,17 @@ def process_caption(
     if drop:
         return ""
     warmup = warmup_steps(settings.token_warmup_step, max_train_steps)
-    if not (settings.shuffle_caption or warmup > 0 or settings.caption_tag_dropout_rate > 0):
-        return caption
+    if settings.shuffle_caption or warmup > 0 or settings.caption_tag_dropout_rate > 0:
+        caption = _shuffle_and_drop_tags(caption, settings, rng, step, warmup)
+    for old, new in (replacements or {}).items():
+        if old == "":
+            caption = new[int(rng.integers(0, len(new)))] if isinstance(new, list) else new
+        else:
+            caption = caption.replace(old, new)  # type: ignore[arg-type]
+    return caption
+
+
+def _shuffle_and_drop_tags(caption: str, settings: CaptionSettings, rng: np.random.Generator, step: int, warmup: int) -> str:
     tokens = [t.strip() for t in caption.strip().split(",")]
     if warmup > 0 and step < warmup:
         count = math.floor(step * ((len(tokens) - settings.token_warmup_min) / warmup)) + settings.token_warmup_min

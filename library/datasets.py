@@ -446,6 +446,12 @@ class DatasetGroup(torch.utils.data.Dataset):
         self.max_train_steps = max_train_steps
         self.steps_divisor = max(1, int(gradient_accumulation_steps))
         self._order_cache: dict[int, list[tuple[int, list[str]]]] = {}
+        self.replacements: dict[str, str | list[str]] = {}
+
+    def add_replacement(self, str_from: str, str_to: str | list[str]) -> None:
+        """Textual inversion: replace `str_from` in every caption; "" replaces the whole caption
+        (a list means one of these templates at random)."""
+        self.replacements[str_from] = str_to
 
     def __len__(self) -> int:
         return sum(d.num_batches() for d in self.datasets)
@@ -467,6 +473,8 @@ class DatasetGroup(torch.utils.data.Dataset):
 
     def captions_are_fixed(self) -> bool:
         """True when every epoch shows each image with the same caption (text-encoder outputs can be cached)."""
+        if any(isinstance(v, list) for v in self.replacements.values()):
+            return False
         return all(
             not (s.shuffle_caption or s.caption_dropout_rate or s.caption_dropout_every_n_epochs
                  or s.caption_tag_dropout_rate or s.token_warmup_step)
@@ -505,7 +513,8 @@ class DatasetGroup(torch.utils.data.Dataset):
             subset = dataset.subset_of(info)
             caption_seq, image_seq = np.random.SeedSequence([self.seed, epoch, batch_index, position]).spawn(2)
             caption_rng, image_rng = np.random.default_rng(caption_seq), np.random.default_rng(image_seq)
-            captions.append(process_caption(info.caption, subset, caption_rng, epoch, step, self.max_train_steps))
+            captions.append(process_caption(info.caption, subset, caption_rng, epoch, step, self.max_train_steps,
+                                            self.replacements))
             image, latent = dataset.load_item(info, image_rng)
             images.append(image)
             latents.append(latent)

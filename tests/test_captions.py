@@ -86,3 +86,12 @@ def test_tag_frequency() -> None:
     update_tag_frequency(frequency, "10_sks dog", ["Dog, grass", "dog,  Park ", ""])
     update_tag_frequency(frequency, "10_sks dog", ["grass"])
     assert frequency == {"10_sks dog": {"dog": 2, "grass": 2, "park": 1}}
+
+
+def test_textual_inversion_replacements() -> None:
+    settings = CaptionSettings()
+    assert process_caption("a photo of sks", settings, _rng(0), 0, 0, replacements={"sks": "sks1 sks2"}) == "a photo of sks1 sks2"
+    templates = ["a photo of {}", "a rendering of {}", "a cropped photo of {}"]
+    chosen = {process_caption("ignored", settings, _rng(9, i), 0, 0, replacements={"": templates}) for i in range(30)}
+    assert chosen == set(templates)
+    assert process_caption("x", CaptionSettings(caption_dropout_rate=1.0), _rng(0), 0, 0, replacements={"": "t"}) == ""

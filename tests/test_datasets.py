@@ -257,3 +257,13 @@ def test_flag_metadata_without_config(train_dir: Path) -> None:
     assert json.loads(meta["ss_tag_frequency"])["3_sks dog"]["dog"] == 4
     no_bucket = _group(train_dir, enable_bucket=False, random_crop=True).metadata_for_training(False)
     assert no_bucket["ss_bucket_info"] == "null" and no_bucket["ss_min_bucket_reso"] == "None"
+
+
+def test_add_replacement_reaches_batches(train_dir: Path) -> None:
+    group = _group(train_dir)
+    group.add_replacement("dog", "tok1 tok2")
+    captions = [c for i in range(len(group)) for c in group[(0, i)]["captions"]]
+    assert "tok1 tok2, park" in captions and not any(c.startswith("dog") for c in captions)
+    group.add_replacement("", ["a photo of tok", "art of tok"])
+    assert not group.captions_are_fixed()
+    assert {c for i in range(len(group)) for c in group[(0, i)]["captions"]} == {"a photo of tok", "art of tok"}
