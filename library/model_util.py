@@ -224,6 +224,8 @@ def load_target_model(
     else:
         is_ldm = True
         with LdmFile(path) as ldm:
+            if any(k.startswith("conditioner.embedders.") for k in ldm.shapes):
+                raise UserError(f"{path}: this is an SDXL model; only SD 1.x / 2.x models are supported")
             is_v2 = sd_config.is_v2_ldm(ldm.shapes)
             if v2 and not is_v2:
                 raise UserError(f"{path}: --v2 was given but this is an SD 1.x model (no 'cond_stage_model.model.' keys)")

@@ -235,6 +235,9 @@ def ldm_to_model(
         tensor = _fit_shape(tensor, target_shapes[link.model_key], link.ldm_key, source)
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
+        elif link.chunk is None:
+            # own the memory: the source may be a memory-mapped file that the user later replaces
+            tensor = tensor.clone()
         out[link.model_key] = tensor.contiguous()
     return out
 

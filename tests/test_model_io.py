@@ -129,6 +129,24 @@ def test_save_with_source_ckpt_keeps_other_keys(v2, tmp_path, tiny_model_files_v
         assert bare_sd["cond_stage_model.model.logit_scale"].item() == 1.0
 
 
+def test_save_over_the_source_file(tmp_path, tiny_model_files_v1):
+    from library.model_util import save_stable_diffusion_checkpoint
+
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(tiny_model_files_v1["ckpt"].read_bytes())
+    before = _read_ldm(path)
+    models = load_target_model(path)
+    with torch.no_grad():
+        models.unet.conv_in.bias.add_(1.0)  # in-place training update must not touch the file
+    assert torch.equal(_read_ldm(path)["model.diffusion_model.input_blocks.0.0.bias"], before["model.diffusion_model.input_blocks.0.0.bias"])
+    save_stable_diffusion_checkpoint(False, path, models.text_encoder, models.unet, models.vae, source_path=path, epoch=1)
+    after = torch.load(path, weights_only=True)
+    assert after["epoch"] == 2 and after["global_step"] == 100
+    key = "model.diffusion_model.input_blocks.0.0.bias"
+    assert torch.equal(after["state_dict"][key], before[key] + 1.0)
+    assert set(after["state_dict"]) == set(before)
+
+
 def test_v1_text_encoder_keys_without_text_model_level(tmp_path, tiny_model_files_v1, tiny_models_v1):
     sd = _read_ldm(tiny_model_files_v1["safetensors"])
     prefix = "cond_stage_model.transformer.text_model."
@@ -286,6 +304,10 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path, tiny_model_files_v1, tiny
 
     missing = tmp_path / "missing.safetensors"
     _one_line_user_error(lambda: load_target_model(missing), missing)
+
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4)}, str(sdxl))
+    assert "SDXL" in _one_line_user_error(lambda: load_target_model(sdxl), sdxl)
 
     lora = tmp_path / "lora.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}, str(lora))
