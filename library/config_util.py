@@ -344,6 +344,8 @@ def generate_dataset_group_by_blueprint(
             for sub in dataset_blueprint.subsets:
                 if not Path(sub.params.metadata_file or "").is_file():
                     raise UserError(f"metadata_file {sub.params.metadata_file} not found{where}")
+                if sub.params.image_dir is not None and not Path(sub.params.image_dir).is_dir():
+                    raise UserError(f"image_dir {sub.params.image_dir} not found{where}")
             params.pop("prior_loss_weight", None)
             subsets = [FineTuningSubset(**asdict(s.params)) for s in dataset_blueprint.subsets]
             datasets.append(FineTuningDataset(subsets, **params))

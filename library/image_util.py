@@ -59,7 +59,7 @@ def read_image_size(path: Path | str) -> Reso:
             size = img.size
         with Image.open(path) as img:
             img.verify()  # catches truncated/corrupt PNG data without decoding pixels
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"cannot read image {path}: {err}") from None
     if size[0] < 1 or size[1] < 1:
         raise UserError(f"image {path} has no pixels ({size[0]}x{size[1]})")
@@ -73,7 +73,7 @@ def load_image(path: Path | str) -> np.ndarray:
             if img.mode != "RGB":
                 img = img.convert("RGB")
             return np.array(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"cannot read image {path}: {err}") from None
 
 

@@ -204,3 +204,13 @@ def test_metadata_with_dataset_config(tmp_path: Path) -> None:
                                                    "3_cat (2)": {"n_repeats": 1, "img_count": 2}}
     assert json.loads(meta["ss_tag_frequency"])["3_cat"] == {"a cat": 1, "another cat": 1}
     assert meta["ss_total_batch_size"] == "3" and meta["ss_num_reg_images"] == "4"
+
+
+def test_fine_tuning_paths_checked(tmp_path: Path) -> None:
+    meta = write_text(tmp_path / "meta.json", "{}")
+    config = write_text(tmp_path / "ft.toml", f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nmetadata_file = '{meta}'\nimage_dir = '{tmp_path / 'none'}'\n")
+    with pytest.raises(UserError) as info:
+        config_util.build_dataset_group(argparse.Namespace(dataset_config=str(config)), support_dreambooth=False)
+    assert "none" in str(info.value) and "ft.toml" in str(info.value)
+    with pytest.raises(UserError, match="--in_json"):
+        config_util.build_dataset_group(argparse.Namespace(resolution="64"), support_dreambooth=False)
