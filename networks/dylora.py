@@ -25,6 +25,7 @@ from networks.lora import (
     PathLike,
     load_lora_state_dict,
     parse_network_dim_alpha,
+    require_matching_modules,
     warn_unknown_network_args,
     weights_ranks_and_alphas,
 )
@@ -254,5 +255,7 @@ def create_network_from_weights(
     network = DyLoRANetwork(
         text_encoder, unet, multiplier, unit=unit, modules_dim=modules_dim, modules_alpha=modules_alpha
     )
-    weights_sd = network.check_weights(weights_sd, file if file is not None else "<weights dict>")
+    source = file if file is not None else "<weights dict>"
+    require_matching_modules(network, modules_dim, source)
+    weights_sd = network.check_weights(weights_sd, source)
     return network, weights_sd

@@ -554,6 +554,15 @@ def weights_ranks_and_alphas(weights_sd: Mapping[str, torch.Tensor]) -> tuple[di
     return modules_dim, modules_alpha
 
 
+def require_matching_modules(network: LoRANetwork, modules_dim: Mapping[str, int], source: Any) -> None:
+    """A weights file none of whose modules exist in the model is for another architecture."""
+    if not network.text_encoder_loras and not network.unet_loras:
+        raise UserError(
+            f"LoRA weights {source}: none of its {len(modules_dim)} modules (e.g. {next(iter(modules_dim))}) "
+            "match a layer of this model (LoRA for a different model type?)"
+        )
+
+
 def create_network(
     multiplier: float,
     network_dim: Optional[int],
@@ -632,5 +641,7 @@ def create_network_from_weights(
         modules_dim=modules_dim,
         modules_alpha=modules_alpha,
     )
-    weights_sd = network.check_weights(weights_sd, file if file is not None else "<weights dict>")
+    source = file if file is not None else "<weights dict>"
+    require_matching_modules(network, modules_dim, source)
+    weights_sd = network.check_weights(weights_sd, source)
     return network, weights_sd

@@ -519,3 +519,31 @@ def test_bad_network_dim(tiny_models_v1):
     unet, vae, te = tiny_models_v1
     with pytest.raises(UserError, match="network_dim"):
         lora.create_network(1.0, 0, 1.0, vae, te, unet)
+
+
+def test_file_for_another_architecture_is_rejected(tiny_models_v1, tmp_path):
+    unet, vae, te = tiny_models_v1
+    path = tmp_path / "sdxl_like.safetensors"
+    save_file(
+        {
+            "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 8),
+            "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(8, 4),
+        },
+        str(path),
+    )
+    with pytest.raises(UserError, match=r"sdxl_like\.safetensors.*none of its 1 modules"):
+        lora.create_network_from_weights(1.0, path, vae, te, unet)
+    empty = tmp_path / "empty.safetensors"
+    save_file({"foo": torch.zeros(1)}, str(empty))
+    with pytest.raises(UserError, match="not a LoRA file"):
+        lora.create_network_from_weights(1.0, empty, vae, te, unet)
+
+
+def test_loading_weights_with_other_alpha_updates_scale(tiny_models_v1, tmp_path):
+    unet, vae, te = fresh_models(tiny_models_v1)
+    source = lora.create_network(1.0, 4, 8.0, vae, te, unet)
+    path = tmp_path / "a8.safetensors"
+    source.save_weights(path, None, None)
+    target = lora.create_network(1.0, 4, 1.0, vae, te, unet)
+    target.load_weights(path)
+    assert all(m.scale == 2.0 and float(m.alpha) == 8.0 for m in target.unet_loras)
