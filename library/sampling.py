@@ -8,6 +8,7 @@ leaves the models' modes and every RNG stream as it found them.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -239,10 +240,10 @@ def _generate_one(
     v_parameterization: bool,
     clip_skip: int | None,
     device: torch.device,
-    dtype: torch.dtype,
     max_embeddings_multiples: int,
     show_progress: bool,
 ) -> Image.Image:
+    unet_dtype = _model_dtype(unet)
     scheduler = get_sampler(sampler_name, v_parameterization)
     guided = request.scale > 1.0
     cond, uncond = get_weighted_text_embeddings(
@@ -254,7 +255,7 @@ def _generate_one(
         clip_skip=clip_skip,
     )
     embeddings = torch.cat([uncond, cond]) if guided else cond
-    embeddings = embeddings.to(device=device, dtype=dtype)
+    embeddings = embeddings.to(device=device, dtype=unet_dtype)
 
     # one generator for the initial noise and the ancestral samplers' noise: a seed
     # reproduces an image exactly, and the global RNG streams are not touched
@@ -275,7 +276,7 @@ def _generate_one(
     for timestep in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not show_progress):
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, timestep)
-        prediction = unet(model_input.to(dtype), timestep, encoder_hidden_states=embeddings).sample.float()
+        prediction = unet(model_input.to(unet_dtype), timestep, encoder_hidden_states=embeddings).sample.float()
         if guided:
             uncond_prediction, cond_prediction = prediction.chunk(2)
             prediction = uncond_prediction + request.scale * (cond_prediction - uncond_prediction)
@@ -303,12 +304,14 @@ def generate_images(
 ) -> list[Image.Image]:
     """Generate one image per prompt; models must already be on `device` (default: the UNet's).
 
-    `dtype` is the UNet input dtype (default: the UNet's). A prompt without a seed gets a
-    fresh random one. Each image's `info` holds its prompt, negative-prompt, seed,
+    Each model runs in its own dtype; `dtype` float16/bfloat16 (the training's mixed
+    precision) also runs them under `torch.autocast`, as sd-scripts samples, so fp32
+    network weights work beside half-precision model weights. A prompt without a seed
+    gets a fresh random one. Each image's `info` holds its prompt, negative-prompt, seed,
     sampler, steps and scale (strings), ready for PNG text chunks.
     """
     device = torch.device(device) if device is not None else _model_device(unet)
-    dtype = dtype or _model_dtype(unet)
+    use_autocast = dtype is not None and dtype != torch.float32
     seed_source = random.Random()  # own OS-seeded source: drawing a seed leaves the global stream alone
     images = []
     for request in _as_sample_prompts(prompts):
@@ -319,10 +322,12 @@ def generate_images(
         seed = request.seed if request.seed is not None else seed_source.randint(0, MAX_SEED)
         sampler = request.sampler or sampler_name
         logger.info("sample prompt: %s (negative: %s, seed %d, %dx%d)", prompt, negative_prompt, seed, request.width, request.height)
-        image = _generate_one(
-            unet, vae, text_encoder, tokenizer, request, prompt, negative_prompt, seed, sampler,
-            v_parameterization, clip_skip, device, dtype, max_embeddings_multiples, show_progress,
-        )
+        autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
+        with autocast:
+            image = _generate_one(
+                unet, vae, text_encoder, tokenizer, request, prompt, negative_prompt, seed, sampler,
+                v_parameterization, clip_skip, device, max_embeddings_multiples, show_progress,
+            )
         image.info.update(
             {
                 "prompt": prompt,
@@ -409,8 +414,9 @@ def sample_images(
 
     `prompts` is a prompt file path or parsed prompts. `epoch` is set for end-of-epoch
     samples (file name `e000003`), None for step samples (`000150`). Models are used in
-    eval mode on `device` (default: the UNet's) and put back as they were; torch, CUDA,
-    numpy and Python RNG states are restored, so training continues on the same stream.
+    eval mode on `device` (default: the UNet's) and put back as they were; `dtype` is the
+    mixed-precision dtype (see `generate_images`). Torch, CUDA, numpy and Python RNG
+    states are restored, so training continues on the same stream.
     """
     if isinstance(prompts, (str, Path)):
         prompts = load_sample_prompts(prompts)
@@ -424,6 +430,7 @@ def sample_images(
                 unet, vae, text_encoder, tokenizer, request, sampler_name=sampler_name,
                 v_parameterization=v_parameterization, clip_skip=clip_skip, device=device, dtype=dtype,
                 max_embeddings_multiples=max_embeddings_multiples, prompt_replacement=prompt_replacement,
+                show_progress=False,
             )
             target = sample_dir / sample_file_name(output_name, epoch, steps, request.index, request.seed)
             save_png(image, target)

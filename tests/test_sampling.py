@@ -417,3 +417,25 @@ def test_sample_images_missing_prompt_file(tmp_path, tiny_models_v1, tokenizer_v
     unet, vae, text_encoder = tiny_models_v1
     with pytest.raises(UserError, match="nope.txt"):
         sample_images(tmp_path, None, 1, 0, tmp_path / "nope.txt", unet, vae, text_encoder, tokenizer_v1)
+
+
+def test_mixed_dtypes(tokenizer_v1):
+    unet, vae, text_encoder = build_tiny_models(v2=False, seed=0)
+    reference, other_seed = generate_images(
+        unet, vae, text_encoder, tokenizer_v1, [tiny(), tiny(seed=2)], show_progress=False
+    )
+    # mixed-precision training: fp32 models sampled under bf16 autocast
+    (autocast,) = generate_images(unet, vae, text_encoder, tokenizer_v1, tiny(), dtype=torch.bfloat16,
+                                  show_progress=False)
+    # full-bf16 UNet beside an fp32 text encoder and VAE: inputs follow each model's dtype
+    unet.to(torch.bfloat16)
+    (half_unet,) = generate_images(unet, vae, text_encoder, tokenizer_v1, tiny(), show_progress=False)
+    def correlation(a, b):
+        return np.corrcoef(pixels(a).ravel(), pixels(b).ravel())[0, 1]
+
+    # the random tiny models amplify rounding, so "same picture" means clearly correlated
+    # with the fp32 image, far more than an image of another seed is
+    unrelated = correlation(other_seed, reference)
+    for image in (autocast, half_unet):
+        assert image.size == (64, 64)
+        assert correlation(image, reference) > max(0.5, unrelated + 0.3)
