@@ -149,7 +149,7 @@ class BaseDataset:
         else:
             manager = BucketManager(False, self.resolution, None, None, None)
             manager.set_predefined_resos([self.resolution])  # type: ignore[list-item]
-        ar_errors = []
+        ar_errors, upscaled = [], []
         for key, info in list(self.image_data.items()):
             if info.bucket_reso is None:
                 if info.image_size is None:
@@ -160,10 +160,11 @@ class BaseDataset:
                 logger.warning(f"skipping {info.absolute_path}: {info.image_size} is smaller than one bucket step")
                 self._drop(key)
                 continue
-            if not self.enable_bucket and info.image_size and (
-                info.image_size[0] < self.width or info.image_size[1] < self.height
-            ):
-                logger.warning(f"{info.absolute_path} {info.image_size} is smaller than {self.resolution}; it is upscaled")
+            if info.image_size and info.resized_size and info.resized_size[0] > info.image_size[0]:
+                upscaled.append(f"{info.absolute_path} {info.image_size[0]}x{info.image_size[1]}")
+        if upscaled:
+            more = f" (and {len(upscaled) - 5} more)" if len(upscaled) > 5 else ""
+            logger.warning(f"{len(upscaled)} image(s) smaller than their bucket are upscaled: {', '.join(upscaled[:5])}{more}")
         if not self.image_data:
             raise UserError("no usable images left after bucketing (all were too small)")
         for info in self.image_data.values():
