@@ -126,6 +126,13 @@ def test_prepare_buckets_latents_and_finetuning_dataset(tmp_path: Path, tiny_mod
         plain = torch.from_numpy(np.load(data / f"{stem}.npz")["arr_0"])
         flipped = torch.from_numpy(np.load(data / f"{stem}_flip.npz")["arr_0"])
         assert torch.equal(batch["latents"][0], plain) or torch.equal(batch["latents"][0], flipped)
+    # --skip_existing keeps npz files whose shape fits the bucket
+    stamps = {p.name: p.stat().st_mtime_ns for p in data.glob("*.npz")}
+    prepare_buckets_latents.main([
+        str(data), str(meta), str(out), str(model_paths["safetensors"]), "--max_resolution", "64,64",
+        "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32", "--flip_aug", "--skip_existing",
+    ])
+    assert {p.name: p.stat().st_mtime_ns for p in data.glob("*.npz")} == stamps
     # without --flip_aug the stale _flip.npz files are removed
     prepare_buckets_latents.main([
         str(data), str(meta), str(out), str(model_paths["safetensors"]), "--max_resolution", "64,64",
