@@ -200,6 +200,7 @@ def _build_accelerator(args: argparse.Namespace):
         # gradient accumulation is driven by the loop itself (sync points at epoch ends
         # and resumable positions), so accelerate's own counter stays at 1
         accelerator = Accelerator(
+            cpu=not _has_accelerator_device(),  # also makes torchrun/accelerate multi-process CPU runs use gloo
             mixed_precision=getattr(args, "mixed_precision", "no") or "no",
             log_with=log_with,
             project_dir=logging_dir,
@@ -208,6 +209,14 @@ def _build_accelerator(args: argparse.Namespace):
     except (ValueError, RuntimeError) as err:
         raise UserError(f"cannot set up accelerate (--mixed_precision {args.mixed_precision}): {err}") from err
     return accelerator
+
+
+def _has_accelerator_device() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))
 
 
 def _patch_scaler_for_fp16_grads(accelerator) -> None:
