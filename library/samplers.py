@@ -86,11 +86,17 @@ def _common_args(v_parameterization: bool) -> dict[str, Any]:
     return args
 
 
-def get_sampler(name: str, v_parameterization: bool = False) -> SchedulerMixin:
-    """A fresh diffusers scheduler for an sd-scripts sampler name (case-insensitive)."""
+def check_sampler_name(name: str, source: str = "--sample_sampler / --sampler") -> str:
+    """The lower-cased sampler name; UserError naming `source` if it is unknown."""
     key = name.lower()
     if key not in _SCHEDULER_CLASSES:
-        raise UserError(f"unknown sampler '{name}' (--sample_sampler / --sampler); valid: {', '.join(SAMPLER_NAMES)}")
+        raise UserError(f"unknown sampler '{name}' ({source}); valid: {', '.join(SAMPLER_NAMES)}")
+    return key
+
+
+def get_sampler(name: str, v_parameterization: bool = False) -> SchedulerMixin:
+    """A fresh diffusers scheduler for an sd-scripts sampler name (case-insensitive)."""
+    key = check_sampler_name(name)
     scheduler_class = _SCHEDULER_CLASSES[key]
     init_args = _common_args(v_parameterization)
     accepted = inspect.signature(scheduler_class.__init__).parameters

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from library.errors import UserError
 from library.io_util import atomic_path
 from library.lpw_stable_diffusion import get_weighted_text_embeddings
-from library.samplers import get_sampler
+from library.samplers import check_sampler_name, get_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def parse_prompt_line(line: str, index: int = 0) -> SamplePrompt | None:
         return None
     prompt, *options = line.split(" --")
     values: dict[str, Any] = {}
+    unparsed: list[str] = []  # kept for callers with more options (gen_img: --nl, --t, --am, ...)
     for option in options:
         for pattern, field_name in _OPTION_PATTERNS:
             match = pattern.match(option)
@@ -107,7 +108,10 @@ def parse_prompt_line(line: str, index: int = 0) -> SamplePrompt | None:
             except ValueError:
                 logger.warning("ignoring sample prompt option with a bad value: --%s", option)
             break
-    return SamplePrompt(prompt=prompt.strip(), index=index, **values)
+        else:
+            unparsed.append(option)
+    extra = {"unparsed_options": unparsed} if unparsed else {}
+    return SamplePrompt(prompt=prompt.strip(), index=index, extra=extra, **values)
 
 
 # keys of HEAD's .toml / .json prompt files → SamplePrompt fields
@@ -135,6 +139,9 @@ def prompt_from_dict(entry: dict[str, Any], index: int, source: str) -> SamplePr
         else:
             extra[key] = value
     values.setdefault("prompt", "")
+    for name in ("prompt", "negative_prompt", "sampler"):
+        if values.get(name) is not None and not isinstance(values[name], str):
+            raise UserError(f"{source}: '{name}' of prompt entry {index} must be a string")
     try:
         for name, convert in _CONVERTERS.items():
             if values.get(name) is not None:
@@ -164,20 +171,24 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
             raise UserError(f"sample prompt file {path} needs a [prompt] table with [[prompt.subset]] entries")
         defaults = {key: value for key, value in base.items() if key != "subset"}
         entries = [{**defaults, **subset} if isinstance(subset, dict) else subset for subset in base["subset"]]
-        return [prompt_from_dict(entry, i, str(path)) for i, entry in enumerate(entries)]
-    if suffix == ".json":
+        prompts = [prompt_from_dict(entry, i, str(path)) for i, entry in enumerate(entries)]
+    elif suffix == ".json":
         try:
             entries = json.loads(text)
         except json.JSONDecodeError as error:
             raise UserError(f"invalid JSON in sample prompt file {path}: {error}") from None
         if not isinstance(entries, list):
             raise UserError(f"sample prompt file {path} must hold a JSON list of prompt objects")
-        return [prompt_from_dict(entry, i, str(path)) for i, entry in enumerate(entries)]
-    prompts: list[SamplePrompt] = []
-    for line in text.splitlines():
-        parsed = parse_prompt_line(line, index=len(prompts))
-        if parsed is not None:
-            prompts.append(parsed)
+        prompts = [prompt_from_dict(entry, i, str(path)) for i, entry in enumerate(entries)]
+    else:
+        prompts = []
+        for line in text.splitlines():
+            parsed = parse_prompt_line(line, index=len(prompts))
+            if parsed is not None:
+                prompts.append(parsed)
+    for prompt in prompts:  # a typo must fail now, not at the first sample hours into training
+        if prompt.sampler is not None:
+            check_sampler_name(prompt.sampler, f"sampler of prompt {prompt.index} in {path}")
     return prompts
 
 
@@ -321,7 +332,9 @@ def generate_images(
             negative_prompt = negative_prompt.replace(prompt_replacement[0], prompt_replacement[1])
         seed = request.seed if request.seed is not None else seed_source.randint(0, MAX_SEED)
         sampler = request.sampler or sampler_name
-        logger.info("sample prompt: %s (negative: %s, seed %d, %dx%d)", prompt, negative_prompt, seed, request.width, request.height)
+        logger.info(
+            "sample prompt: %s (negative: %s, seed %d, %dx%d)", prompt, negative_prompt, seed, request.width, request.height
+        )
         autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
         with autocast:
             image = _generate_one(

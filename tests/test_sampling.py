@@ -73,7 +73,8 @@ LINE_CASES = [
     ("x --s 0", dict(steps=1)),
     ("x --s 5000", dict(steps=1000)),
     # last one wins; unknown options ignored; bad values ignored
-    ("x --w 128 --w 256 --q 3 --zz --l abc", dict(prompt="x", width=256, scale=7.5)),
+    ("x --w 128 --w 256 --q 3 --zz --l abc", dict(prompt="x", width=256, scale=7.5, extra={"unparsed_options": ["q 3", "zz", "l abc"]})),
+    ("x --l 1.2.3 --s 3", dict(scale=7.5, steps=3)),
     # --ss (HEAD): per-prompt sampler
     ("x --ss euler_a --s 12", dict(sampler="euler_a", steps=12)),
     # prefix match as sd-scripts: "--w 512px" reads 512
@@ -139,6 +140,14 @@ def test_prompt_file_errors(tmp_path):
     bad_json.write_text('{"prompt": "x"}', encoding="utf-8")
     with pytest.raises(UserError, match="bad.json"):
         load_sample_prompts(bad_json)
+    bad_sampler = tmp_path / "sampler.txt"
+    bad_sampler.write_text("a cat --ss euler_b\n", encoding="utf-8")
+    with pytest.raises(UserError, match="euler_b.*sampler.txt"):
+        load_sample_prompts(bad_sampler)
+    not_text = tmp_path / "number.json"
+    not_text.write_text('[{"prompt": 5}]', encoding="utf-8")
+    with pytest.raises(UserError, match="number.json"):
+        load_sample_prompts(not_text)
     bad_value = tmp_path / "value.json"
     bad_value.write_text('[{"prompt": "x", "width": "wide"}]', encoding="utf-8")
     with pytest.raises(UserError, match="value.json"):
