@@ -155,28 +155,13 @@ def step_seed(seed: int, epoch: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, batch_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def precision_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(name or "", None)
-
-
 def _check_core_args(args: argparse.Namespace) -> None:
-    mixed = getattr(args, "mixed_precision", "no") or "no"
-    if getattr(args, "full_fp16", False) and mixed != "fp16":
-        raise UserError("--full_fp16 requires --mixed_precision fp16")
-    if getattr(args, "full_bf16", False) and mixed != "bf16":
-        raise UserError("--full_bf16 requires --mixed_precision bf16")
-    if getattr(args, "full_fp16", False) and getattr(args, "full_bf16", False):
-        raise UserError("--full_fp16 and --full_bf16 cannot be used together")
+    """Checks of the core beyond `train_util.verify_training_args`."""
     if getattr(args, "pretrained_model_name_or_path", None) is None:
         raise UserError("--pretrained_model_name_or_path is required")
-    if (getattr(args, "gradient_accumulation_steps", 1) or 1) < 1:
-        raise UserError("--gradient_accumulation_steps must be at least 1")
-    if getattr(args, "noise_offset", None) and getattr(args, "multires_noise_iterations", None):
-        raise UserError("--noise_offset and --multires_noise_iterations cannot be used together")
-    if getattr(args, "adaptive_noise_scale", None) and not getattr(args, "noise_offset", None):
-        raise UserError("--adaptive_noise_scale requires --noise_offset")
-    if getattr(args, "cache_latents_to_disk", False):
-        args.cache_latents = True
+    for flag in ("huggingface_repo_id", "save_state_to_huggingface", "resume_from_huggingface"):
+        if getattr(args, flag, None):
+            raise UserError(f"--{flag}: uploading to / resuming from the Hugging Face Hub is not supported (offline toolkit)")
 
 
 def _build_accelerator(args: argparse.Namespace):
@@ -291,19 +276,27 @@ class TextEmbeddingCache:
     """Encoder states per caption string, for a frozen text encoder.
 
     Captions are encoded one at a time so that a caption's states never depend on which
-    other captions shared its batch (keeps resumed runs bit-identical).
+    other captions shared its batch (keeps resumed runs bit-identical). States are kept in
+    host memory when training on an accelerator; past `max_entries` captions new ones are
+    encoded without being stored.
     """
 
-    def __init__(self, encode: Callable[[list[str]], torch.Tensor]):
-        self._encode = encode
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor], device: torch.device, max_entries: int = 50_000):
+        self._encode, self._device, self._max_entries = encode, device, max_entries
+        self._store = torch.device("cpu")
         self._states: dict[str, torch.Tensor] = {}
 
+    def _states_of(self, caption: str) -> torch.Tensor:
+        states = self._states.get(caption)
+        if states is None:
+            with torch.no_grad():
+                states = self._encode([caption])[0].to(self._store)
+            if len(self._states) < self._max_entries:
+                self._states[caption] = states
+        return states
+
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        for caption in captions:
-            if caption not in self._states:
-                with torch.no_grad():
-                    self._states[caption] = self._encode([caption])[0]
-        return torch.stack([self._states[c] for c in captions])
+        return torch.stack([self._states_of(c) for c in captions]).to(self._device, non_blocking=True)
 
     def __len__(self) -> int:
         return len(self._states)
@@ -407,9 +400,6 @@ class _KeyedBatches(torch.utils.data.Dataset):
     def __getitem__(self, key):
         return key, self.dataset_group[key]
 
-    def __len__(self) -> int:
-        return len(self.dataset_group)
-
 
 def _keep_as_is(item):
     return item
@@ -461,12 +451,6 @@ def _sample_during_training(args, ctx: TrainContext, method: TrainingMethod, epo
     accelerator.wait_for_everyone()
 
 
-def _debug_dataset(ctx: TrainContext) -> None:
-    from library import datasets
-
-    datasets.debug_dataset(ctx.dataset_group, epoch=0, max_batches=8)
-
-
 # --- the loop -------------------------------------------------------------------------
 class _Runner:
     """State of one run; `run_training` is the entry point."""
@@ -479,13 +463,13 @@ class _Runner:
 
     # set-up ---------------------------------------------------------------------------
     def setup(self) -> TrainContext:
-        from library import model_util
-
-        from library import sampling
+        from library import model_util, sampling
 
         args, method = self.args, self.method
         _check_core_args(args)
         train_util.verify_training_args(args)
+        if getattr(args, "cache_latents_to_disk", False):
+            args.cache_latents = True
         method.verify_args(args)
         resume_state = train_saving.read_resume_json(getattr(args, "resume", None))
         if args.seed is None and "seed" in resume_state:
@@ -493,8 +477,8 @@ class _Runner:
         train_util.resolve_seed(args)
         sample_prompts = sampling.load_sample_prompts(args.sample_prompts) if getattr(args, "sample_prompts", None) else []
         accelerator = _build_accelerator(args)
-        weight_dtype = precision_dtype(args.mixed_precision) or torch.float32
-        save_dtype = precision_dtype(getattr(args, "save_precision", None))
+        weight_dtype = model_util.precision_to_dtype(args.mixed_precision) or torch.float32
+        save_dtype = model_util.precision_to_dtype(getattr(args, "save_precision", None))
         if getattr(args, "full_fp16", False) and save_dtype is None:
             save_dtype = torch.float16
         torch.manual_seed(args.seed)
@@ -575,8 +559,10 @@ class _Runner:
 
         self.start_epoch, self.start_batch = 0, 0
         if getattr(args, "resume", None):
-            state = train_saving.load_train_state(accelerator, args.resume)
-            self._apply_resume_state(state or self.resume_state)
+            state = train_saving.load_train_state(accelerator, args.resume) or self.resume_state
+            ctx.global_step, self.start_epoch, self.start_batch = train_saving.resume_position(
+                state, accelerator.num_processes, ctx.num_batches_per_epoch
+            )
 
     def _compute_lengths(self) -> None:
         args, ctx = self.args, self.ctx
@@ -596,26 +582,12 @@ class _Runner:
         if hasattr(ctx.dataset_group, "set_max_train_steps"):
             ctx.dataset_group.set_max_train_steps(args.max_train_steps)
 
-    def _apply_resume_state(self, state: dict) -> None:
-        ctx = self.ctx
-        world = ctx.accelerator.num_processes
-        ctx.global_step = int(state.get("global_step", state.get("current_step", 0)))
-        self.start_epoch = int(state.get("epoch", state.get("current_epoch", 0)))
-        self.start_batch = int(state.get("batch_index", 0))
-        saved_world = int(state.get("num_processes", world))
-        if saved_world != world or self.start_batch % world:
-            logger.warning("the state was saved with %d processes, now %d: resuming at the epoch start", saved_world, world)
-            self.start_batch = 0
-        if self.start_batch >= ctx.num_batches_per_epoch:
-            self.start_epoch, self.start_batch = self.start_epoch + 1, 0
-        logger.info("resuming at step %d, epoch %d, batch %d", ctx.global_step, self.start_epoch + 1, self.start_batch)
-
     def _make_text_encoder(self) -> Callable[[list[str]], torch.Tensor]:
         args, ctx, method = self.args, self.ctx, self.method
         encode = _text_encode_fn(args, ctx)
         if not method.train_text_encoder and captions_are_fixed(args, ctx.dataset_group):
             logger.info("caching text encoder outputs per caption")
-            return TextEmbeddingCache(encode)
+            return TextEmbeddingCache(encode, ctx.accelerator.device)
         return encode
 
     # the loop ---------------------------------------------------------------------------
@@ -626,7 +598,7 @@ class _Runner:
         ext = method.model_extension(args)
         if accelerator.is_main_process:
             accelerator.init_trackers(getattr(args, "log_tracker_name", None) or method.tracker_name)
-        logger.info(
+        (logger.info if accelerator.is_main_process else logger.debug)(
             "training: %d batches per epoch, %d epochs, %d steps, %d processes, batch size %s, accumulation %d",
             ctx.num_batches_per_epoch, ctx.num_train_epochs, ctx.max_train_steps, accelerator.num_processes,
             getattr(args, "train_batch_size", None), args.gradient_accumulation_steps,
@@ -796,20 +768,11 @@ class _Runner:
 
     def _save_state(self, state_dir: Path, epoch: int, micro_in_epoch: int) -> None:
         ctx = self.ctx
-        world = ctx.accelerator.num_processes
         if micro_in_epoch >= self.batches_per_rank:  # a step that ended an epoch
             epoch, micro_in_epoch = epoch + 1, 0
-        train_state = {
-            "global_step": ctx.global_step,
-            "epoch": epoch,
-            "batch_index": micro_in_epoch * world,
-            "num_processes": world,
-            "seed": self.args.seed,
-            "max_train_steps": ctx.max_train_steps,
-            # sd-scripts' names
-            "current_step": ctx.global_step,
-            "current_epoch": epoch,
-        }
+        train_state = train_saving.train_state_dict(
+            ctx.global_step, epoch, micro_in_epoch, ctx.accelerator.num_processes, self.args.seed, ctx.max_train_steps
+        )
         train_saving.save_train_state(ctx.accelerator, state_dir, train_state)
 
     def _remove(self, path: Optional[Path]) -> None:
@@ -826,7 +789,9 @@ def run_training(args: argparse.Namespace, method: TrainingMethod, hooks: Option
     runner = _Runner(args, method, hooks or TrainHooks())
     runner.setup()
     if getattr(args, "debug_dataset", False):
-        _debug_dataset(runner.ctx)
+        from library import datasets
+
+        datasets.debug_dataset(runner.ctx.dataset_group, epoch=0, max_batches=8)
         return TrainResult(0, 0, [], None, True)
     runner.prepare()
     return runner.train()

@@ -199,3 +199,39 @@ def read_resume_json(state_dir: Optional[str | Path]) -> dict[str, Any]:
         return json.loads(state_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UserError(f"--resume: {state_file} is not valid JSON: {err}") from err
+
+
+def train_state_dict(
+    global_step: int, epoch: int, micro_batches_done: int, num_processes: int, seed: int, max_train_steps: int
+) -> dict[str, Any]:
+    """Content of `train_state.json`: where the run stands (0-based epoch, batches of that epoch
+    already trained by all processes together)."""
+    return {
+        "global_step": global_step,
+        "epoch": epoch,
+        "batch_index": micro_batches_done * num_processes,
+        "num_processes": num_processes,
+        "seed": seed,
+        "max_train_steps": max_train_steps,
+        # the names newer sd-scripts write
+        "current_step": global_step,
+        "current_epoch": epoch,
+    }
+
+
+def resume_position(state: dict[str, Any], num_processes: int, num_batches_per_epoch: int) -> tuple[int, int, int]:
+    """(global_step, epoch, batch_index) to continue from, for a `train_state.json` dict."""
+    global_step = int(state.get("global_step", state.get("current_step", 0)))
+    epoch = int(state.get("epoch", state.get("current_epoch", 0)))
+    batch_index = int(state.get("batch_index", 0))
+    saved_processes = int(state.get("num_processes", num_processes))
+    if saved_processes != num_processes or batch_index % num_processes:
+        logger.warning(
+            "the state was saved with %d processes, now %d: resuming at the start of epoch %d",
+            saved_processes, num_processes, epoch + 1,
+        )
+        batch_index = 0
+    if batch_index >= num_batches_per_epoch:
+        epoch, batch_index = epoch + 1, 0
+    logger.info("resuming at step %d, epoch %d, batch %d", global_step, epoch + 1, batch_index)
+    return global_step, epoch, batch_index
