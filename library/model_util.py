@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -75,6 +76,8 @@ class LdmFile:
         self.extras: dict[str, Any] = {}  # top-level keys of a .ckpt besides state_dict
         self._handle = None
         self._tensors: dict[str, torch.Tensor] = {}
+        # tensors are views of a memory-mapped file (safetensors, zip .ckpt) rather than owned memory
+        self.mapped = True
         if is_safetensors(self.path):
             try:
                 self._handle = safe_open(str(self.path), framework="pt", device="cpu")
@@ -84,6 +87,7 @@ class LdmFile:
                 raise UserError(f"{self.path}: not a readable safetensors file ({err})") from None
         else:
             loaded = load_pickle_checkpoint(self.path, mmap=mmap)
+            self.mapped = mmap and zipfile.is_zipfile(self.path)
             if not isinstance(loaded, dict):
                 raise UserError(f"{self.path}: checkpoint holds a {type(loaded).__name__}, not a dict of tensors")
             weights = loaded.get("state_dict", loaded)
@@ -156,7 +160,8 @@ def _unet_from_ldm(
         unet = UNet2DConditionModel.from_config(config)
     shapes = {k: v.shape for k, v in unet.state_dict().items()}
     links = sd_keys.safe_links(lambda: sd_keys.unet_links(shapes, config), "UNet")
-    _assign_weights(unet, sd_keys.ldm_to_model(links, ldm.get, shapes, str(ldm.path), dtype), ldm.path, "UNet")
+    weights = sd_keys.ldm_to_model(links, ldm.get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
+    _assign_weights(unet, weights, ldm.path, "UNet")
     return unet
 
 
@@ -187,7 +192,8 @@ def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype) -> CLIPTe
         def get(key: str) -> torch.Tensor:
             return ldm.get(sd_config.TE_V1_PREFIX + key[len(with_level):] if key.startswith(with_level) else key)
 
-    _assign_weights(text_encoder, sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype), ldm.path, "text encoder")
+    weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
+    _assign_weights(text_encoder, weights, ldm.path, "text encoder")
     return text_encoder
 
 

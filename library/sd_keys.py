@@ -213,8 +213,13 @@ def ldm_to_model(
     target_shapes: Mapping[str, torch.Size],
     source: str,
     dtype: torch.dtype | None = None,
+    copy: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Read the linked LDM tensors into a model state dict (reshaped, chunked, cast to `dtype`)."""
+    """Read the linked LDM tensors into a model state dict (reshaped, chunked, cast to `dtype`).
+
+    `copy` makes every result own its memory (needed when `get_tensor` returns views of a
+    memory-mapped file); tensors that are cast or split are new anyway.
+    """
     out: dict[str, torch.Tensor] = {}
     # fused q/k/v tensors are read once and dropped after their third chunk
     fused_cache: dict[str, list] = {}
@@ -235,7 +240,7 @@ def ldm_to_model(
         tensor = _fit_shape(tensor, target_shapes[link.model_key], link.ldm_key, source)
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
-        elif link.chunk is None:
+        elif copy and link.chunk is None:
             # own the memory: the source may be a memory-mapped file that the user later replaces
             tensor = tensor.clone()
         out[link.model_key] = tensor.contiguous()

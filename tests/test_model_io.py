@@ -361,3 +361,22 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path):
     msg = _one_line_user_error(lambda: load_target_model(path), path)
     assert "open" in msg
     assert not marker.exists()
+
+
+def test_models_are_built_empty_and_weights_assigned(monkeypatch, tiny_model_files_v2):
+    """Loading never materialises a second (randomly initialised) copy of the weights."""
+    from library import model_util
+
+    seen = []
+    original = model_util._assign_weights
+
+    def recording(model, state_dict, source, what):
+        seen.append((what, all(p.is_meta for p in model.parameters())))
+        original(model, state_dict, source, what)
+        # the model now holds exactly the converted tensors, not copies of them
+        params = dict(model.named_parameters())
+        assert all(params[k] is not None and params[k].data_ptr() == v.data_ptr() for k, v in state_dict.items() if k in params)
+
+    monkeypatch.setattr(model_util, "_assign_weights", recording)
+    model_util.load_target_model(tiny_model_files_v2["ckpt"])
+    assert sorted(seen) == [("UNet", True), ("VAE", True), ("text encoder", True)]
