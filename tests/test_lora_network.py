@@ -296,6 +296,16 @@ def test_dropouts_only_in_training(tiny_models_v1):
     torch.manual_seed(0)
     assert (te_output(te) - first).abs().max() > 1e-4
 
+    # rank dropout masks for conv (4-D) and time_emb_proj (2-D) activations too
+    c3 = lora.create_network(1.0, 4, 4.0, vae, None, unet, conv_dim="2", rank_dropout="0.5")
+    c3.apply_to(None, unet)
+    randomize_up(c3)
+    c3.eval()
+    eval_out = unet_output(unet)
+    c3.train()
+    train_out = unet_output(unet)
+    assert torch.isfinite(train_out).all() and (train_out - eval_out).abs().max() > 1e-4
+
 
 # ---------------------------------------------------------------------------------------
 # block dims and block learning rates (SPEC 2.3 / 2.4)
