@@ -221,7 +221,10 @@ def load_target_model(
     """
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: model not found (expected a .safetensors/.ckpt file or a Diffusers folder)")
+        raise UserError(
+            f"{path}: model not found (expected a .safetensors/.ckpt file or a local Diffusers folder; "
+            "Hugging Face hub ids are not downloaded)"
+        )
     ldm_metadata: dict[str, Any] = {}
     if path.is_dir():
         unet, vae_model, text_encoder = _load_diffusers_folder(path, dtype)
