@@ -256,6 +256,18 @@ def test_module_forward_formula_and_multiplier():
     module.restore()
     assert "forward" not in layer.__dict__
 
+    # two adapters on one layer (e.g. two LoRAs at generation time) chain and unwind
+    module.multiplier = 1.0
+    second = lora.LoRAModule("lora_te_x", layer, multiplier=1.0, lora_dim=2, alpha=2)
+    torch.nn.init.normal_(second.lora_up.weight)
+    module.apply_to()
+    second.apply_to()
+    torch.testing.assert_close(layer(x), base + module.lora_output(x) + second.lora_output(x))
+    second.restore()
+    module.restore()
+    torch.testing.assert_close(layer(x), base)
+    assert "forward" not in layer.__dict__
+
     conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
     cmod = lora.LoRAModule("lora_unet_c", conv, lora_dim=2, alpha=4)
     torch.nn.init.normal_(cmod.lora_up.weight)
