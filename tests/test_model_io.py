@@ -380,3 +380,39 @@ def test_models_are_built_empty_and_weights_assigned(monkeypatch, tiny_model_fil
     monkeypatch.setattr(model_util, "_assign_weights", recording)
     model_util.load_target_model(tiny_model_files_v2["ckpt"])
     assert sorted(seen) == [("UNet", True), ("VAE", True), ("text encoder", True)]
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_inferred_configs_equal_the_tiny_configs(v2, request):
+    from library import sd_config
+    from library.tiny_sd import tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
+
+    files = request.getfixturevalue(f"tiny_model_files_v{2 if v2 else 1}")
+    shapes = {k: tuple(v.shape) for k, v in _read_ldm(files["safetensors"]).items()}
+    unet_config = sd_config.infer_unet_config(shapes, v2)
+    expected = tiny_unet_config(v2)
+    for key, value in expected.items():
+        if key != "sample_size":  # not stored in the weights
+            assert unet_config[key] == value, key
+    vae_config = sd_config.infer_vae_config(shapes)
+    assert {k: v for k, v in vae_config.items() if k != "sample_size"} == {
+        k: v for k, v in tiny_vae_config().items() if k != "sample_size"
+    }
+    te_expected = tiny_text_encoder_config(v2).to_dict()
+    for key, value in sd_config.infer_text_encoder_config(shapes, v2).items():
+        assert te_expected[key] == value, key
+
+
+def test_scheduler_configs():
+    from diffusers import DDPMScheduler
+
+    from library import sd_config
+
+    scheduler = DDPMScheduler(**sd_config.DDPM_SCHEDULER_CONFIG)
+    expected = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
+    assert torch.allclose(scheduler.betas, expected)
+    assert scheduler.config.clip_sample is False and scheduler.config.prediction_type == "epsilon"
+    assert sd_config.diffusers_scheduler_config(False)[0] == "PNDMScheduler"
+    name, config = sd_config.diffusers_scheduler_config(True)
+    assert name == "DDIMScheduler" and config["prediction_type"] == "v_prediction"
+    assert sd_config.diffusers_scheduler_config(True, v_parameterization=False)[1]["prediction_type"] == "epsilon"
