@@ -430,10 +430,13 @@ def save_stable_diffusion_checkpoint(
 
 # ---------------------------------------------------------------- saving Diffusers folders
 def _cast_state_dict(model: torch.nn.Module, save_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {
-        k: (v.detach().to(save_dtype) if save_dtype is not None and v.is_floating_point() else v.detach()).contiguous()
-        for k, v in model.state_dict().items()
-    }
+    out = {}
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if save_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(save_dtype)
+        out[key] = tensor.contiguous()
+    return out
 
 
 def _write_weights(state_dict: dict[str, torch.Tensor], folder: Path, stem_st: str, stem_bin: str, use_safetensors: bool) -> None:

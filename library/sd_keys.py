@@ -270,6 +270,8 @@ def model_to_ldm(
     pending: dict[str, dict[int, torch.Tensor]] = {}
     for link in links:
         tensor = state_dict[link.model_key].detach()
+        if tensor.device.type not in ("cpu", "meta"):
+            tensor = tensor.cpu()  # files must not hold GPU tensors
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         if link.chunk is None:
