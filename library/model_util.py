@@ -27,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from library import sd_config, sd_keys
 from library.errors import UserError
 from library.io_util import atomic_dir, atomic_path
-from library.safe_unpickle import is_placeholder, load_pickle_checkpoint
+from library.safe_unpickle import load_pickle_checkpoint
 from library.tokenizer_util import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -351,27 +351,6 @@ def _model_ldm_state_dict(
     return ldm
 
 
-def _picklable_extras(extras: Mapping[str, Any]) -> dict[str, Any]:
-    """Top-level ckpt entries that can be written again (lightning placeholders cannot)."""
-
-    def has_placeholder(value: Any) -> bool:
-        if is_placeholder(value):
-            return True
-        if isinstance(value, dict):
-            return any(has_placeholder(k) or has_placeholder(v) for k, v in value.items())
-        if isinstance(value, (list, tuple, set)):
-            return any(has_placeholder(v) for v in value)
-        return False
-
-    kept = {}
-    for key, value in extras.items():
-        if has_placeholder(value):
-            logger.info("not copying '%s' from the source checkpoint (pytorch-lightning objects)", key)
-        else:
-            kept[key] = value
-    return kept
-
-
 def save_stable_diffusion_checkpoint(
     v2: bool,
     output_file: str | Path,
@@ -386,13 +365,14 @@ def save_stable_diffusion_checkpoint(
 ) -> Path:
     """Write an LDM single file (`.ckpt` or `.safetensors`, chosen by extension).
 
-    With a single-file `source_path`, every key of the source that is not one of the written
+    With a single-file `source_path`, every weight of the source that is not one of the written
     model weights (EMA, DDPM buffers, position_ids, ...) is carried over, and a `.ckpt`'s
-    epoch/global_step are added to the source's. Without a VAE the source's VAE is kept.
+    epoch/global_step are added to the source's (its other top-level entries are not copied,
+    as in sd-scripts). Without a VAE the source's VAE is kept.
     """
     output_file = Path(output_file)
     ldm_sd = _model_ldm_state_dict(v2, text_encoder, unet, vae, save_dtype)
-    extras: dict[str, Any] = {}
+    counters: dict[str, int] = {}
     source_file = Path(source_path) if source_path is not None and Path(source_path).is_file() else None
     if source_file is not None:
         with LdmFile(source_file) as source:
@@ -403,7 +383,7 @@ def save_stable_diffusion_checkpoint(
                 if key not in ldm_sd:
                     # clone: the source may be memory-mapped and may be the file being replaced
                     ldm_sd[key] = source.get(key).clone()
-            extras = _picklable_extras(source.extras)
+            counters = _ckpt_counters(source.extras)
     elif vae is None:
         raise ValueError("save_stable_diffusion_checkpoint needs a VAE when there is no source checkpoint")
     if v2:
@@ -416,9 +396,8 @@ def save_stable_diffusion_checkpoint(
             meta = {str(k): str(v) for k, v in (metadata or {}).items()}
             save_file({k: v.contiguous() for k, v in ldm_sd.items()}, str(tmp), metadata=meta or None)
         else:
-            counters = _ckpt_counters(extras)
+            # like sd-scripts: only the weights and the counters (no optimizer states, callbacks, ...)
             checkpoint = {
-                **extras,
                 "state_dict": ldm_sd,
                 "epoch": counters.get("epoch", 0) + epoch,
                 "global_step": counters.get("global_step", 0) + global_step,

@@ -115,7 +115,7 @@ def test_save_with_source_ckpt_keeps_other_keys(v2, tmp_path, tiny_model_files_v
     )
     saved = torch.load(out, weights_only=True)
     assert saved["epoch"] == 7 and saved["global_step"] == 875010
-    assert saved["pytorch-lightning_version"] == "1.4.2"
+    assert set(saved) == {"state_dict", "epoch", "global_step"}  # as sd-scripts writes it
     _assert_same_state(realistic, saved["state_dict"])
     # without a source: only UNet + VAE + TE; v1 drops position_ids, v2 fabricates the OpenCLIP extras
     bare = save_stable_diffusion_checkpoint(v2, tmp_path / "bare.safetensors", again.text_encoder, again.unet, again.vae)

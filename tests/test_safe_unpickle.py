@@ -140,3 +140,26 @@ def test_missing_and_damaged_files(tmp_path):
     with pytest.raises(UserError, match="damaged.ckpt"):
         load_pickle_checkpoint(damaged)
     assert torch.equal(load_pickle_checkpoint(good, mmap=False)["state_dict"]["w"], torch.ones(1000))
+
+
+def test_sd_checkpoint_with_lightning_callback_loads_and_saves(tmp_path, lightning_checkpoint_class, tiny_model_files_v1):
+    from library.model_util import LdmFile, load_target_model, save_stable_diffusion_checkpoint
+
+    with LdmFile(tiny_model_files_v1["safetensors"]) as ldm:
+        weights = {k: ldm.get(k).clone() for k in ldm.keys()}
+    checkpoint = _fake_real_checkpoint(lightning_checkpoint_class)
+    checkpoint["state_dict"] = {**weights, "betas": torch.linspace(0.1, 0.2, 1000)}
+    checkpoint["optimizer_states"] = [{"state": {}}]
+    path = tmp_path / "sd-v1-x.ckpt"
+    torch.save(checkpoint, path)
+    _drop_lightning_modules()
+    models = load_target_model(path)
+    assert models.ldm_metadata == {"epoch": 6, "global_step": 470000}
+    out = save_stable_diffusion_checkpoint(
+        False, tmp_path / "out.ckpt", models.text_encoder, models.unet, models.vae, source_path=path, epoch=1, global_step=5
+    )
+    saved = load_pickle_checkpoint(out)
+    assert set(saved) == {"state_dict", "epoch", "global_step"}
+    assert saved["epoch"] == 7 and saved["global_step"] == 470005
+    assert set(saved["state_dict"]) == set(checkpoint["state_dict"])
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in checkpoint["state_dict"].items())
