@@ -181,6 +181,10 @@ def _build_accelerator(args: argparse.Namespace):
         import wandb
 
         wandb.login(key=args.wandb_api_key)
+    from accelerate.state import AcceleratorState
+
+    # a previous run in this process (tests, notebooks) may have fixed other precision settings
+    AcceleratorState._reset_state(reset_partial_state=False)
     try:
         # gradient accumulation is driven by the loop itself (sync points at epoch ends
         # and resumable positions), so accelerate's own counter stays at 1
@@ -527,7 +531,8 @@ class _Runner:
             models.unet.enable_gradient_checkpointing()
             models.unet.train()
             if method.train_text_encoder:
-                models.text_encoder.gradient_checkpointing_enable()
+                enable = getattr(models.text_encoder, "activation_checkpointing_enable", None)
+                (enable or models.text_encoder.gradient_checkpointing_enable)()
                 models.text_encoder.train()
         else:
             models.unet.train(method.train_unet)
