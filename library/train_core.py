@@ -166,6 +166,7 @@ def _check_core_args(args: argparse.Namespace) -> None:
 
 def _build_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
     log_with = getattr(args, "log_with", None)
@@ -181,8 +182,6 @@ def _build_accelerator(args: argparse.Namespace):
         import wandb
 
         wandb.login(key=args.wandb_api_key)
-    from accelerate.state import AcceleratorState
-
     # a previous run in this process (tests, notebooks) may have fixed other precision settings
     AcceleratorState._reset_state(reset_partial_state=False)
     try:
@@ -219,10 +218,6 @@ def _patch_scaler_for_fp16_grads(accelerator) -> None:
         return original(optimizer, inv_scale, found_inf, True)
 
     scaler._unscale_grads_ = unscale_allowing_fp16
-
-
-def _has_trained_weights(model: nn.Module) -> bool:
-    return any(p.requires_grad for p in model.parameters())
 
 
 def _place(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype]) -> None:
@@ -307,17 +302,16 @@ class TextEmbeddingCache:
 
 
 def captions_are_fixed(args: argparse.Namespace, dataset_group: Any) -> bool:
-    """True when every epoch shows each image with the same caption string (so caching pays)."""
-    fixed = getattr(dataset_group, "captions_are_fixed", None)
-    if callable(fixed):
-        return bool(fixed())
-    return not (
-        getattr(args, "shuffle_caption", False)
-        or getattr(args, "caption_dropout_rate", 0)
-        or getattr(args, "caption_dropout_every_n_epochs", 0)
-        or getattr(args, "caption_tag_dropout_rate", 0)
-        or getattr(args, "token_warmup_step", 0)
-        or getattr(args, "dataset_config", None)  # per-subset options unknown here: stay safe
+    """True when the set of caption strings is small and fixed (so caching their states pays):
+    no tag shuffling, tag dropout or token warm-up in any subset (whole-caption dropout only
+    adds the empty caption)."""
+    subsets = [s for d in getattr(dataset_group, "datasets", []) for s in getattr(d, "subsets", [])]
+    sources = subsets or [args]
+    return not any(
+        getattr(source, "shuffle_caption", False)
+        or getattr(source, "caption_tag_dropout_rate", 0)
+        or getattr(source, "token_warmup_step", 0)
+        for source in sources
     )
 
 
@@ -525,8 +519,8 @@ class _Runner:
         models.vae.eval()
         if not args.cache_latents:
             _place(models.vae, device, frozen_dtype)
-        _place(models.unet, device, None if _has_trained_weights(models.unet) else frozen_dtype)
-        _place(models.text_encoder, device, None if _has_trained_weights(models.text_encoder) else frozen_dtype)
+        for model in (models.unet, models.text_encoder):  # trained base weights keep their dtype
+            _place(model, device, None if any(p.requires_grad for p in model.parameters()) else frozen_dtype)
         if args.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
             models.unet.train()
@@ -747,6 +741,8 @@ class _Runner:
         plan = self.plan
         epoch_no = epoch + 1
         self._read_losses()
+        if self.epoch_losses:
+            self.ctx.accelerator.log({"loss/epoch": sum(self.epoch_losses) / len(self.epoch_losses)}, step=epoch_no)
         if plan.saves_at_epoch_end(epoch_no):
             self._save_model(plan.epoch_model_path(epoch_no, ext), epoch_no, self.ctx.global_step, final=False)
             self._remove(plan.outdated_epoch_model(epoch_no, ext))

@@ -123,13 +123,17 @@ def test_text_embedding_cache_encodes_each_caption_once():
 
 
 def test_captions_fixed_only_without_caption_randomness():
-    group = object()
-    fixed = argparse.Namespace(shuffle_caption=False, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
-                               caption_tag_dropout_rate=0.0, token_warmup_step=0, dataset_config=None)
-    assert train_core.captions_are_fixed(fixed, group)
-    for name, value in [("shuffle_caption", True), ("caption_dropout_rate", 0.1), ("token_warmup_step", 5),
-                        ("dataset_config", "x.toml")]:
-        assert not train_core.captions_are_fixed(argparse.Namespace(**{**vars(fixed), name: value}), group)
+    from library.datasets import DreamBoothSubset
+
+    def group(**settings):
+        return argparse.Namespace(datasets=[argparse.Namespace(subsets=[DreamBoothSubset(), DreamBoothSubset(**settings)])])
+
+    assert train_core.captions_are_fixed(argparse.Namespace(), group())
+    assert train_core.captions_are_fixed(argparse.Namespace(), group(caption_dropout_rate=0.5))  # adds "" only
+    for name, value in [("shuffle_caption", True), ("caption_tag_dropout_rate", 0.1), ("token_warmup_step", 5)]:
+        assert not train_core.captions_are_fixed(argparse.Namespace(), group(**{name: value}))
+    # without dataset objects the flags decide
+    assert not train_core.captions_are_fixed(argparse.Namespace(shuffle_caption=True), object())
 
 
 def test_metadata_for_save_and_no_metadata():

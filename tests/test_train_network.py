@@ -86,8 +86,16 @@ def test_lora_file_keys_shapes_alpha_and_metadata(workspace, tmp_path):
         assert meta["sshs_model_hash"] == model_hash.addnet_hash_safetensors(stream)
     assert len(meta["sshs_legacy_hash"]) == 8
     # tensorboard logs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = list(logs.rglob("events.out.tfevents.*"))
-    assert events, "no tensorboard event file written"
+    assert len(events) == 1, events
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "lr/textencoder", "lr/unet"} <= tags, tags
+    assert [e.step for e in accumulator.Scalars("loss/current")] == [1, 2]
+    assert accumulator.Scalars("lr/unet")[0].value == pytest.approx(1e-3)
 
 
 def test_no_metadata_and_pt_format(workspace, tmp_path):
