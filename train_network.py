@@ -125,10 +125,14 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
         return self.network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
 
     def lr_log_names(self, ctx: train_core.TrainContext, num_groups: int) -> list[str]:
+        # sd-scripts' tags: lr/textencoder and lr/unet; per-block groups are lr/group{i}
         names = list(getattr(self.network, "optimizer_group_names", []) or [])
         if len(names) == num_groups and num_groups <= 2:
             return [f"lr/{name}" for name in names]
-        return [f"lr/group{i}" for i in range(num_groups)]
+        tags = [f"lr/group{i}" for i in range(num_groups)]
+        if names[:1] == ["textencoder"]:
+            tags[0] = "lr/textencoder"
+        return tags
 
     def on_epoch_start(self, ctx: train_core.TrainContext, epoch: int) -> None:
         self.network.on_epoch_start(ctx.models.text_encoder, ctx.models.unet)
