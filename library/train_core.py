@@ -10,9 +10,8 @@ stateless), and all randomness of one micro-batch (noise, timesteps, VAE samplin
 dropout) comes from a seed derived from `(seed, epoch, batch_index)`. A resumed run therefore
 starts the sampler at the saved batch index and reproduces the uninterrupted run bit for bit.
 
-The loss is checked for NaN/inf when it is read anyway (every step on CPU, every
-`LOSS_READ_INTERVAL` steps on accelerators, and before every save), so there is no per-step
-host synchronisation on a GPU.
+NaN/inf losses are caught when the loss is read anyway (every step on CPU, every
+`LOSS_READ_INTERVAL` steps on accelerators, before saves): no per-step host sync on a GPU.
 """
 from __future__ import annotations
 
@@ -89,6 +88,9 @@ class TrainingMethod(abc.ABC):
     def on_epoch_start(self, ctx: "TrainContext", epoch: int) -> None:
         """Called before the first batch of every epoch (0-based)."""
 
+    def on_step_end(self, ctx: "TrainContext") -> None:
+        """Called on every process after each optimizer step (e.g. to restore frozen embedding rows)."""
+
     def model_extension(self, args: argparse.Namespace) -> str:
         """File extension of saved models, e.g. `.safetensors`."""
         return ".safetensors"
@@ -100,6 +102,10 @@ class TrainingMethod(abc.ABC):
     def sampling_models(self, ctx: "TrainContext") -> tuple[nn.Module, nn.Module]:
         """(text_encoder, unet) used for sample images (networks are already applied to them)."""
         return ctx.models.text_encoder, ctx.models.unet
+
+    def prompt_replacement(self, ctx: "TrainContext") -> Optional[tuple[str, str]]:
+        """(text, replacement) applied to sample prompts (textual inversion token strings)."""
+        return None
 
 
 @dataclass
@@ -253,11 +259,8 @@ def _set_attention(args: argparse.Namespace, unet: nn.Module, vae: nn.Module) ->
 
 
 class DiffusionStep(nn.Module):
-    """The module accelerate/DDP wraps: the trained modules are registered, frozen ones are not.
-
-    Keeping frozen models unregistered keeps them out of DDP broadcasts and out of saved
-    states (a LoRA state holds only the network).
-    """
+    """What accelerate/DDP wraps: trained modules are registered; frozen ones are not, which keeps
+    them out of DDP broadcasts and saved states (a LoRA state holds only the network)."""
 
     def __init__(self, trainable: dict[str, nn.Module], unet: nn.Module, encode_text: Callable[[list[str]], torch.Tensor]):
         super().__init__()
@@ -272,24 +275,20 @@ class DiffusionStep(nn.Module):
 
 
 class TextEmbeddingCache:
-    """Encoder states per caption string, for a frozen text encoder.
+    """Encoder states per caption string (frozen text encoder), kept in host memory.
 
-    Captions are encoded one at a time so that a caption's states never depend on which
-    other captions shared its batch (keeps resumed runs bit-identical). States are kept in
-    host memory when training on an accelerator; past `max_entries` captions new ones are
-    encoded without being stored.
-    """
+    One caption per encoder call, so states never depend on batch mates (resumed runs stay
+    bit-identical); past `max_entries` captions, new ones are encoded but not stored."""
 
     def __init__(self, encode: Callable[[list[str]], torch.Tensor], device: torch.device, max_entries: int = 50_000):
         self._encode, self._device, self._max_entries = encode, device, max_entries
-        self._store = torch.device("cpu")
         self._states: dict[str, torch.Tensor] = {}
 
     def _states_of(self, caption: str) -> torch.Tensor:
         states = self._states.get(caption)
         if states is None:
             with torch.no_grad():
-                states = self._encode([caption])[0].to(self._store)
+                states = self._encode([caption])[0].to("cpu")
             if len(self._states) < self._max_entries:
                 self._states[caption] = states
         return states
@@ -369,11 +368,8 @@ def _batches_per_rank(num_batches: int, world_size: int) -> int:
 
 
 class _RunKeys(torch.utils.data.Sampler):
-    """This process's batch keys for the rest of the run: epoch after epoch, from a position.
-
-    The first `skip` keys of the start epoch are dropped from the key list (no batch is loaded
-    for them), so a resumed run sees exactly the batches the uninterrupted run would.
-    """
+    """This process's batch keys for the rest of the run, epoch after epoch; the first `skip` keys
+    of the start epoch are dropped unloaded, so a resumed run sees exactly the remaining batches."""
 
     def __init__(self, num_batches: int, start_epoch: int, skip: int, num_epochs: int, rank: int, world_size: int):
         self.num_batches, self.start_epoch, self.skip = num_batches, start_epoch, skip
@@ -399,7 +395,7 @@ class _KeyedBatches(torch.utils.data.Dataset):
         return key, self.dataset_group[key]
 
 
-def _keep_as_is(item):
+def _keep_as_is(item):  # a module-level function: picklable for worker processes
     return item
 
 
@@ -445,6 +441,7 @@ def _sample_during_training(args, ctx: TrainContext, method: TrainingMethod, epo
             sampler_name=getattr(args, "sample_sampler", "ddim") or "ddim",
             v_parameterization=bool(getattr(args, "v_parameterization", False)),
             clip_skip=getattr(args, "clip_skip", None), device=accelerator.device, dtype=ctx.weight_dtype,
+            prompt_replacement=method.prompt_replacement(ctx),
         )
     accelerator.wait_for_everyone()
 
@@ -644,6 +641,7 @@ class _Runner:
                 ctx.lr_scheduler.step()
                 ctx.optimizer.zero_grad(set_to_none=True)
                 ctx.global_step += 1
+                method.on_step_end(ctx)
                 progress.update(1)
                 micro_in_step = micro % accumulation or accumulation
                 lrs = [float(lr) for lr in ctx.lr_scheduler.get_last_lr()]
