@@ -165,6 +165,8 @@ def _check_core_args(args: argparse.Namespace) -> None:
     """Checks of the core beyond `train_util.verify_training_args`."""
     if getattr(args, "pretrained_model_name_or_path", None) is None:
         raise UserError("--pretrained_model_name_or_path is required")
+    if not getattr(args, "output_dir", None):
+        raise UserError("--output_dir is required (the folder the trained model is saved to)")
     for flag in ("huggingface_repo_id", "save_state_to_huggingface", "resume_from_huggingface"):
         if getattr(args, flag, None):
             raise UserError(f"--{flag}: uploading to / resuming from the Hugging Face Hub is not supported (offline toolkit)")

@@ -168,6 +168,13 @@ max_data_loader_n_workers = 0
     tensors = load_file(str(tmp_path / "out" / "from_toml.safetensors"))
     downs = [v for k, v in tensors.items() if k.endswith("lora_down.weight")]
     assert downs and all(v.shape[0] == 3 for v in downs)  # the command line won over the TOML
+    # --output_config writes the command line as TOML and stops without training (exit status 0)
+    written = tmp_path / "written"
+    with pytest.raises(SystemExit) as stop:
+        train_network.main([*th.base_argv(workspace["model"], workspace["img"], tmp_path / "never"),
+                            "--config_file", str(written), "--output_config"])
+    assert stop.value.code == 0 and not (tmp_path / "never").exists()
+    assert 'network_module = "networks.lora"' in written.with_suffix(".toml").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(
@@ -176,6 +183,7 @@ max_data_loader_n_workers = 0
         (["--network_train_unet_only", "--network_train_text_encoder_only"], "--network_train_unet_only"),
         (["--full_fp16"], "--full_fp16"),
         (["--network_weights", "missing.safetensors"], "missing.safetensors"),
+        (["--output_dir", ""], "--output_dir"),
     ],
 )
 def test_bad_flag_combination_is_one_line_error(workspace, tmp_path, capsys, extra, needle):
