@@ -479,7 +479,9 @@ class _Runner:
         if getattr(args, "full_fp16", False) and save_dtype is None:
             save_dtype = torch.float16
         torch.manual_seed(args.seed)
-
+        dataset_group = _build_dataset_group(args, method, accelerator)  # data errors before the slow model load
+        if len(dataset_group) == 0:
+            raise UserError("no training images found: check --train_data_dir / --dataset_config")
         load_device = accelerator.device if getattr(args, "lowram", False) else torch.device("cpu")
         models = model_util.load_target_model(
             args.pretrained_model_name_or_path,
@@ -498,7 +500,7 @@ class _Runner:
             sample_prompts=sample_prompts,
         )
         ctx.noise_scheduler = _noise_scheduler(args, accelerator.device)
-        ctx.dataset_group = _build_dataset_group(args, method, accelerator)
+        ctx.dataset_group = dataset_group
         self.resume_state = resume_state
         self.ctx = ctx
         return ctx
@@ -566,8 +568,6 @@ class _Runner:
         args, ctx = self.args, self.ctx
         world = ctx.accelerator.num_processes
         ctx.num_batches_per_epoch = len(ctx.dataset_group)
-        if ctx.num_batches_per_epoch == 0:
-            raise UserError("no training images found: check --train_data_dir / --dataset_config")
         self.batches_per_rank = _batches_per_rank(ctx.num_batches_per_epoch, world)
         ctx.batches_per_process = self.batches_per_rank
         accumulation = args.gradient_accumulation_steps or 1

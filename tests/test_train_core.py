@@ -157,4 +157,4 @@ def test_user_errors_for_missing_backends():
     with pytest.raises(UserError, match="--logging_dir"):
         train_core._build_accelerator(argparse.Namespace(log_with="tensorboard", logging_dir=None, mixed_precision="no"))
     with pytest.raises(UserError, match="huggingface"):
-        train_core._check_core_args(argparse.Namespace(pretrained_model_name_or_path="m", huggingface_repo_id="a/b"))
+        train_core._check_core_args(argparse.Namespace(pretrained_model_name_or_path="m", output_dir="o", huggingface_repo_id="a/b"))
