@@ -239,3 +239,23 @@ def test_sample_images_size_seed_and_reproducible(workspace, tmp_path):
     assert plain.step_losses == with_samples.step_losses
     a, b = load_file(str(out / "lora.safetensors")), load_file(str(tmp_path / "plain" / "lora.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_epoch_saves_keep_the_last_n(workspace, tmp_path):
+    img = th.make_image_folder(tmp_path, count=2, repeats=1)  # one batch per epoch
+    out = tmp_path / "out"
+    argv = th.base_argv(
+        workspace["model"], img, out, "--max_train_epochs", "4", "--save_every_n_epochs", "1",
+        "--save_last_n_epochs", "2", "--save_state", "--save_last_n_epochs_state", "1", "--output_name", "net",
+    )
+    result = th.run_train(argv)
+    assert result.global_step == 4
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["net-000002.safetensors", "net-000003.safetensors", "net-000003-state", "net-state",
+                            "net.safetensors"])
+    with safe_open(str(out / "net-000002.safetensors"), "pt") as f:
+        assert f.metadata()["ss_epoch"] == "2" and f.metadata()["ss_steps"] == "2"
+    with safe_open(str(out / "net.safetensors"), "pt") as f:
+        assert f.metadata()["ss_epoch"] == "4" and f.metadata()["ss_num_epochs"] == "4"
+    state = json.loads((out / "net-000003-state" / "train_state.json").read_text(encoding="utf-8"))
+    assert (state["global_step"], state["epoch"], state["batch_index"]) == (3, 3, 0)
