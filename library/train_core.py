@@ -18,10 +18,10 @@ from __future__ import annotations
 import abc
 import argparse
 import contextlib
-import os
 import importlib.util
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
