@@ -258,3 +258,11 @@ def test_epoch_saves_keep_the_last_n(workspace, tmp_path):
         assert f.metadata()["ss_epoch"] == "4" and f.metadata()["ss_num_epochs"] == "4"
     state = json.loads((out / "net-000003-state" / "train_state.json").read_text(encoding="utf-8"))
     assert (state["global_step"], state["epoch"], state["batch_index"]) == (3, 3, 0)
+
+
+def test_debug_dataset_shows_batches_without_training(workspace, tmp_path, caplog):
+    argv = th.base_argv(workspace["model"], workspace["img"], tmp_path / "out", "--debug_dataset")
+    with caplog.at_level("INFO"):
+        result = th.run_train(argv)
+    assert result.global_step == 0 and not (tmp_path / "out").exists()
+    assert "caption: 'sks dog" in caplog.text
