@@ -58,6 +58,8 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
         self.network: Any = None
         self.network_kwargs = parse_network_args(getattr(args, "network_args", None))
         self.session_id = random.SystemRandom().randint(0, 2**32)
+        # a module dropped for a step leaves its parameters without gradients
+        self.ddp_find_unused_parameters = bool(self.network_kwargs.get("module_dropout"))
         self._metadata: Optional[dict[str, str]] = None
 
     # flags -----------------------------------------------------------------------

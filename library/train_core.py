@@ -47,6 +47,8 @@ class TrainingMethod(abc.ABC):
 
     #: default tracker name (`--log_tracker_name` overrides)
     tracker_name: str = "train"
+    #: DDP must tolerate parameters without gradients in a step (e.g. LoRA module dropout)
+    ddp_find_unused_parameters: bool = False
     #: dataset sources this method accepts (passed to the dataset config sanitizer)
     support_dreambooth: bool = True
     support_finetuning: bool = True
@@ -172,7 +174,7 @@ def _check_core_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag}: uploading to / resuming from the Hugging Face Hub is not supported (offline toolkit)")
 
 
-def _build_accelerator(args: argparse.Namespace):
+def _build_accelerator(args: argparse.Namespace, find_unused_parameters: bool = False):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -200,7 +202,7 @@ def _build_accelerator(args: argparse.Namespace):
             mixed_precision=getattr(args, "mixed_precision", "no") or "no",
             log_with=log_with,
             project_dir=logging_dir,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
         )
     except (ValueError, RuntimeError) as err:
         raise UserError(f"cannot set up accelerate (--mixed_precision {args.mixed_precision}): {err}") from err
@@ -384,10 +386,6 @@ class _RunKeys(torch.utils.data.Sampler):
             keys = list(EpochBatchSampler(self.num_batches, epoch, 0, self.rank, self.world_size))
             yield from keys[self.skip if epoch == self.start_epoch else 0:]
 
-    def __len__(self) -> int:
-        per_epoch = _batches_per_rank(self.num_batches, self.world_size)
-        return max(0, per_epoch * (self.num_epochs - self.start_epoch) - self.skip)
-
 
 class _KeyedBatches(torch.utils.data.Dataset):
     def __init__(self, dataset_group: Any):
@@ -473,7 +471,7 @@ class _Runner:
             args.seed = int(resume_state["seed"])  # a resumed run keeps the random seed it started with
         train_util.resolve_seed(args)
         sample_prompts = sampling.load_sample_prompts(args.sample_prompts) if getattr(args, "sample_prompts", None) else []
-        accelerator = _build_accelerator(args)
+        accelerator = _build_accelerator(args, method.ddp_find_unused_parameters)
         weight_dtype = model_util.precision_to_dtype(args.mixed_precision) or torch.float32
         save_dtype = model_util.precision_to_dtype(getattr(args, "save_precision", None))
         if getattr(args, "full_fp16", False) and save_dtype is None:

@@ -31,7 +31,7 @@ def test_run_keys_resume_skips_exactly_the_done_batches(world_size):
     for rank in range(world_size):
         full = list(train_core._RunKeys(num_batches, 0, 0, epochs, rank, world_size))
         per_epoch = len(EpochBatchSampler(num_batches, 0, 0, rank, world_size))
-        assert len(full) == per_epoch * epochs == len(train_core._RunKeys(num_batches, 0, 0, epochs, rank, world_size))
+        assert len(full) == per_epoch * epochs
         for done in range(per_epoch * epochs):
             epoch, skip = divmod(done, per_epoch)
             resumed = list(train_core._RunKeys(num_batches, epoch, skip, epochs, rank, world_size))
