@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from library import config_util, model_hash, train_util
+from library import model_hash, train_util
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def network_training_metadata(
     }
     uses_dataset_config = get("dataset_config") is not None
     total_batch_size = (get("train_batch_size", 1) or 1) * num_processes * (get("gradient_accumulation_steps", 1) or 1)
-    metadata.update(config_util.dataset_group_metadata(dataset_group, uses_dataset_config, total_batch_size))
+    metadata.update(dataset_group.metadata_for_training(uses_dataset_config, total_batch_size))
     if network_args:
         metadata["ss_network_args"] = json.dumps(dict(network_args))
     metadata.update(model_name_and_hashes(get("pretrained_model_name_or_path"), "sd_model"))
