@@ -167,39 +167,39 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no_metadata", action="store_true", help="do not save metadata in the output model")
+    parser.add_argument("--no_metadata", action="store_true", help="write only the network keys (ss_network_*) into the file's metadata")
     parser.add_argument(
         "--save_model_as", type=str, default="safetensors", choices=NETWORK_SAVE_FORMATS,
-        help="format to save the model (default is .safetensors)",
+        help="file format of the saved network (safetensors keeps the ss_* metadata)",
     )
-    parser.add_argument("--unet_lr", type=float, default=None, help="learning rate for U-Net")
-    parser.add_argument("--text_encoder_lr", type=float, default=None, help="learning rate for Text Encoder")
-    parser.add_argument("--network_weights", type=str, default=None, help="pretrained weights for network")
-    parser.add_argument("--network_module", type=str, default=None, help="network module to train (e.g. networks.lora)")
+    parser.add_argument("--unet_lr", type=float, default=None, help="learning rate of the U-Net modules (default: --learning_rate)")
+    parser.add_argument("--text_encoder_lr", type=float, default=None, help="learning rate of the text-encoder modules (default: --learning_rate)")
+    parser.add_argument("--network_weights", type=str, default=None, help="start from the weights in this LoRA file")
+    parser.add_argument("--network_module", type=str, default=None, help="Python module of the network: networks.lora or networks.dylora")
     parser.add_argument(
-        "--network_dim", type=int, default=None, help="network dimensions (depends on each network, LoRA: 4)"
+        "--network_dim", type=int, default=None, help="rank of the network modules (LoRA default 4)"
     )
     parser.add_argument(
         "--network_alpha", type=float, default=1,
-        help="alpha for LoRA weight scaling, default 1 (same as network_dim for same behavior as old version)",
+        help="alpha: the network output is scaled by alpha / rank (default 1; set it to the rank for scale 1)",
     )
     parser.add_argument(
         "--network_dropout", type=float, default=None,
-        help="drops neurons out of training every step (0 or None is default behavior (no dropout), 1 would drop all neurons)",
+        help="dropout probability on the network's hidden activations each step (default: none; must be below 1)",
     )
     parser.add_argument(
-        "--network_args", type=str, default=None, nargs="*", help="additional arguments for network (key=value)"
+        "--network_args", type=str, default=None, nargs="*", help="network options as key=value (conv_dim, conv_alpha, block_dims, down_lr_weight, unit, ...)"
     )
-    parser.add_argument("--network_train_unet_only", action="store_true", help="only training U-Net part")
+    parser.add_argument("--network_train_unet_only", action="store_true", help="train the U-Net modules only (no lora_te_* keys in the file)")
     parser.add_argument(
-        "--network_train_text_encoder_only", action="store_true", help="only training Text Encoder part"
+        "--network_train_text_encoder_only", action="store_true", help="train the text-encoder modules only (no lora_unet_* keys in the file)"
     )
     parser.add_argument(
-        "--training_comment", type=str, default=None, help="arbitrary comment string stored in metadata"
+        "--training_comment", type=str, default=None, help="free text written to ss_training_comment"
     )
     parser.add_argument(
         "--dim_from_weights", action="store_true",
-        help="automatically determine dim (rank) from network_weights",
+        help="take each module's rank from the --network_weights file",
     )
 
 
@@ -226,6 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     result = train(args)
     if result.final_model_path is not None:
         logger.info("model saved: %s", result.final_model_path)
+    if getattr(args, "sample_prompts", None) and getattr(args, "output_dir", None):
+        logger.info("sample images: %s", Path(args.output_dir) / "sample")
 
 
 if __name__ == "__main__":
