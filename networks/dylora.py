@@ -23,11 +23,9 @@ from networks.lora import (
     BaseLoRAModule,
     LoRANetwork,
     PathLike,
-    load_lora_state_dict,
+    build_network_from_weights,
     parse_network_dim_alpha,
-    require_matching_modules,
     warn_unknown_network_args,
-    weights_ranks_and_alphas,
 )
 from networks.lora_keys import TargetLayer, parse_float_arg, parse_int_arg
 
@@ -241,21 +239,14 @@ def create_network_from_weights(
     **kwargs: Any,
 ) -> tuple[DyLoRANetwork, dict[str, torch.Tensor]]:
     """DyLoRA network shaped by a LoRA/DyLoRA file (ranks must be multiples of `unit`)."""
-    if weights_sd is None:
-        if file is None:
-            raise UserError("create_network_from_weights needs a LoRA file or a weights dict")
-        weights_sd = load_lora_state_dict(file)
-    modules_dim, modules_alpha = weights_ranks_and_alphas(weights_sd)
-    if not modules_dim:
-        raise UserError(f"LoRA weights {file}: no '<module>.lora_down.weight' keys found (not a LoRA file?)")
-    unit = _parse_unit(kwargs)
-    for name, rank in modules_dim.items():
-        if rank % unit:
-            raise UserError(f"LoRA weights {file}: module {name} has rank {rank}, not a multiple of unit {unit}")
-    network = DyLoRANetwork(
-        text_encoder, unet, multiplier, unit=unit, modules_dim=modules_dim, modules_alpha=modules_alpha
-    )
-    source = file if file is not None else "<weights dict>"
-    require_matching_modules(network, modules_dim, source)
-    weights_sd = network.check_weights(weights_sd, source)
-    return network, weights_sd
+
+    def build(modules_dim: dict[str, int], modules_alpha: dict[str, Any]) -> DyLoRANetwork:
+        unit = _parse_unit(kwargs)
+        for name, rank in modules_dim.items():
+            if rank % unit:
+                raise UserError(f"LoRA weights {file}: module {name} has rank {rank}, not a multiple of unit {unit}")
+        return DyLoRANetwork(
+            text_encoder, unet, multiplier, unit=unit, modules_dim=modules_dim, modules_alpha=modules_alpha
+        )
+
+    return build_network_from_weights(file, weights_sd, build)

@@ -13,7 +13,7 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar, Union
 
 import torch
 from safetensors import SafetensorError
@@ -563,6 +563,29 @@ def require_matching_modules(network: LoRANetwork, modules_dim: Mapping[str, int
         )
 
 
+NetworkT = TypeVar("NetworkT", bound=LoRANetwork)
+
+
+def build_network_from_weights(
+    file: Optional[PathLike],
+    weights_sd: Optional[Mapping[str, torch.Tensor]],
+    build: Callable[[dict[str, int], dict[str, Any]], NetworkT],
+) -> tuple[NetworkT, dict[str, torch.Tensor]]:
+    """Read a LoRA file (or take `weights_sd`), build a network shaped by its ranks/alphas with
+    `build(modules_dim, modules_alpha)`, and check the weights fit it. Shared by LoRA and DyLoRA."""
+    if weights_sd is None:
+        if file is None:
+            raise UserError("create_network_from_weights needs a LoRA file or a weights dict")
+        weights_sd = load_lora_state_dict(file)
+    modules_dim, modules_alpha = weights_ranks_and_alphas(weights_sd)
+    if not modules_dim:
+        raise UserError(f"LoRA weights {file}: no '<module>.lora_down.weight' keys found (not a LoRA file?)")
+    network = build(modules_dim, modules_alpha)
+    source = file if file is not None else "<weights dict>"
+    require_matching_modules(network, modules_dim, source)
+    return network, network.check_weights(weights_sd, source)
+
+
 def create_network(
     multiplier: float,
     network_dim: Optional[int],
@@ -624,24 +647,17 @@ def create_network_from_weights(
     **kwargs: Any,
 ) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
     """A network whose modules, ranks and alphas come from a LoRA file (or `weights_sd`)."""
-    if weights_sd is None:
-        if file is None:
-            raise UserError("create_network_from_weights needs a LoRA file or a weights dict")
-        weights_sd = load_lora_state_dict(file)
-    modules_dim, modules_alpha = weights_ranks_and_alphas(weights_sd)
-    if not modules_dim:
-        raise UserError(f"LoRA weights {file}: no '<module>.lora_down.weight' keys found (not a LoRA file?)")
-    network = LoRANetwork(
-        text_encoder,
-        unet,
-        multiplier=multiplier,
-        dropout=parse_optional_dropout("network_dropout", kwargs.get("neuron_dropout")),
-        rank_dropout=parse_optional_dropout("rank_dropout", kwargs.get("rank_dropout")),
-        module_dropout=parse_optional_dropout("module_dropout", kwargs.get("module_dropout")),
-        modules_dim=modules_dim,
-        modules_alpha=modules_alpha,
-    )
-    source = file if file is not None else "<weights dict>"
-    require_matching_modules(network, modules_dim, source)
-    weights_sd = network.check_weights(weights_sd, source)
-    return network, weights_sd
+
+    def build(modules_dim: dict[str, int], modules_alpha: dict[str, Any]) -> LoRANetwork:
+        return LoRANetwork(
+            text_encoder,
+            unet,
+            multiplier=multiplier,
+            dropout=parse_optional_dropout("network_dropout", kwargs.get("neuron_dropout")),
+            rank_dropout=parse_optional_dropout("rank_dropout", kwargs.get("rank_dropout")),
+            module_dropout=parse_optional_dropout("module_dropout", kwargs.get("module_dropout")),
+            modules_dim=modules_dim,
+            modules_alpha=modules_alpha,
+        )
+
+    return build_network_from_weights(file, weights_sd, build)
