@@ -1,10 +1,20 @@
-"""Shared fixtures: tiny SD-architecture models (random weights, fixed seed)."""
+"""Shared fixtures: one torch thread, tiny SD-architecture models (random weights, fixed seed)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from library.tiny_sd import build_tiny_models
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread():
+    """One intra-op torch thread for every test: with tiny models on busy shared CPUs, more
+    threads only contend (runs get many times slower). Restored after the session."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

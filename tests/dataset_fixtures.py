@@ -59,17 +59,3 @@ def write_json(path: Path, data: object) -> Path:
     return path
 
 
-class single_torch_thread:
-    """Context manager: run torch on one thread (tiny models are much faster so on a busy machine)."""
-
-    def __enter__(self) -> "single_torch_thread":
-        import torch
-
-        self._previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.set_num_threads(self._previous)

@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_fixtures import single_torch_thread, write_image, write_json, write_text
+from dataset_fixtures import write_image, write_json, write_text
 from finetune import clean_captions_and_tags, merge_captions_to_metadata, merge_dd_tags_to_metadata, prepare_buckets_latents
 from library import config_util
 from library.captions import clean_caption, clean_tags
 from library.cli import run_main
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_torch_thread():
-        yield
 
 def _folder(tmp_path: Path) -> Path:
     data = tmp_path / "imgs"

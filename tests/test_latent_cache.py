@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_fixtures import single_torch_thread, make_dreambooth_folder, write_image
+from dataset_fixtures import make_dreambooth_folder, write_image
 from library import config_util, latent_cache
 from library.errors import UserError
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_torch_thread():
-        yield
 
 class CountingVAE(torch.nn.Module):
     """Wraps a VAE and counts how many images go through `encode`."""

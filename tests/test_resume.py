@@ -10,10 +10,6 @@ from safetensors.torch import load_file
 
 import train_helpers as th
 from library import train_core
-from train_helpers import single_thread_torch  # noqa: F401 - fixture
-
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
-
 
 def _tensors_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()

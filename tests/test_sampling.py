@@ -27,15 +27,6 @@ from library.tiny_sd import build_tiny_models
 from library.tokenizer_util import load_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: with tiny models and busy shared CPUs, more threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tokenizer_v1():
     return load_tokenizer(v2=False)

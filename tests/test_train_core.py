@@ -9,13 +9,9 @@ import pytest
 import torch
 
 import train_helpers as th  # noqa: F401 - puts the repository root on sys.path
-from train_helpers import single_thread_torch  # noqa: F401 - fixture
 from library import train_core, train_metadata, train_saving
 from library.datasets import EpochBatchSampler
 from library.errors import UserError
-
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
-
 
 def test_step_seed_is_stateless_and_distinct():
     seeds = {train_core.step_seed(42, e, b) for e in range(5) for b in range(50)}

@@ -15,10 +15,6 @@ import train_network
 from library import model_hash, train_core
 from library.cli import run_main
 from library.errors import UserError
-from train_helpers import single_thread_torch  # noqa: F401 - fixture
-
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,16 +21,6 @@ if str(REPO_ROOT) not in sys.path:  # train_network.py lives at the root (also w
 from library import train_core, train_util  # noqa: E402
 
 CAPTIONS = ["sks dog, red, sitting", "sks dog, blue, running", "sks dog, green, lying", "sks dog, yellow, standing"]
-
-
-@pytest.fixture(scope="module")
-def single_thread_torch():
-    """One intra-op thread for the tiny models: on a shared 2-core machine, thread
-    oversubscription makes the tiny runs ten times slower; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_tiny_model(root: Path, v2: bool = False) -> Path:
