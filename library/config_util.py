@@ -21,12 +21,15 @@ from voluptuous import Any as AnyOf
 from voluptuous import ExactSequence, MultipleInvalid, Required, Schema
 
 from library.buckets import parse_resolution
-from library.datasets import (
+from library.datasets import (  # noqa: F401 - *SubsetParams are part of this module's API (as in sd-scripts)
+    BaseSubsetParams,
     DatasetGroup,
     DreamBoothDataset,
     DreamBoothSubset,
+    DreamBoothSubsetParams,
     FineTuningDataset,
     FineTuningSubset,
+    FineTuningSubsetParams,
 )
 from library.errors import UserError
 
@@ -66,35 +69,7 @@ def load_user_config(path: str | os.PathLike) -> UserConfig:
 
 
 # --- parameter sets (defaults = sd-scripts built-in defaults) ----------------------------------
-@dataclass
-class BaseSubsetParams:
-    image_dir: str | None = None
-    num_repeats: int = 1
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    color_aug: bool = False
-    flip_aug: bool = False
-    face_crop_aug_range: tuple[float, float] | None = None
-    random_crop: bool = False
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
-
-
-@dataclass
-class DreamBoothSubsetParams(BaseSubsetParams):
-    is_reg: bool = False
-    class_tokens: str | None = None
-    caption_extension: str = ".caption"
-
-
-@dataclass
-class FineTuningSubsetParams(BaseSubsetParams):
-    metadata_file: str | None = None
-
-
+# (subset parameter sets: library.datasets.BaseSubsetParams and subclasses, imported above)
 @dataclass
 class BaseDatasetParams:
     max_token_length: int | None = None

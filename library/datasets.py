@@ -58,27 +58,44 @@ class ImageInfo:
     npz_prepared: bool = False  # npz written by prepare_buckets_latents.py
 
 
+# Subset settings as the dataset config names them (defaults = sd-scripts built-in defaults);
+# library.config_util fills them in by its lookup order and re-exports them under these names.
 @dataclass
-class BaseSubset(CaptionSettings):
+class BaseSubsetParams(CaptionSettings):
     image_dir: str | None = None
     num_repeats: int = 1
     color_aug: bool = False
     flip_aug: bool = False
-    random_crop: bool = False
     face_crop_aug_range: tuple[float, float] | None = None
-    img_count: int = 0
+    random_crop: bool = False
 
 
 @dataclass
-class DreamBoothSubset(BaseSubset):
+class DreamBoothSubsetParams(BaseSubsetParams):
     is_reg: bool = False
     class_tokens: str | None = None
     caption_extension: str = ".caption"
 
 
 @dataclass
-class FineTuningSubset(BaseSubset):
+class FineTuningSubsetParams(BaseSubsetParams):
     metadata_file: str | None = None
+
+
+# A dataset's subsets: the settings plus what scanning found.
+@dataclass
+class BaseSubset(BaseSubsetParams):
+    img_count: int = 0
+
+
+@dataclass
+class DreamBoothSubset(BaseSubset, DreamBoothSubsetParams):
+    pass
+
+
+@dataclass
+class FineTuningSubset(BaseSubset, FineTuningSubsetParams):
+    pass
 
 
 @dataclass
