@@ -1,10 +1,12 @@
-"""Shared fixtures: one torch thread, tiny SD-architecture models (random weights, fixed seed)."""
+"""Shared fixtures: one torch thread, the packaged tokenizers, tiny SD-architecture models
+(random weights, fixed seed)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from library.tiny_sd import build_tiny_models
+from library.tokenizer_util import load_tokenizer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -15,6 +17,18 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_v1():
+    """The packaged SD v1 (CLIP ViT-L/14) tokenizer; do not modify (add_tokens etc.)."""
+    return load_tokenizer(v2=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_v2():
+    """The packaged SD v2 (OpenCLIP) tokenizer; do not modify (add_tokens etc.)."""
+    return load_tokenizer(v2=True)
 
 
 @pytest.fixture(scope="session")

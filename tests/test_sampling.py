@@ -24,17 +24,6 @@ from library.sampling import (
 )
 from library.text_encoding import encode_input_ids, tokenize_captions
 from library.tiny_sd import build_tiny_models
-from library.tokenizer_util import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer_v1():
-    return load_tokenizer(v2=False)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_v2():
-    return load_tokenizer(v2=True)
 
 
 def tiny(prompt: str = "a red cat", **options) -> SamplePrompt:
@@ -116,33 +105,27 @@ def test_load_toml_and_json_prompt_files(tmp_path):
     assert (only.prompt, only.height, only.steps, only.width) == ("a cat", 64, 1000, 512)
 
 
-def test_prompt_file_errors(tmp_path):
+def test_missing_prompt_file_is_named(tmp_path):
     with pytest.raises(UserError, match="missing.txt"):
         load_sample_prompts(tmp_path / "missing.txt")
-    bad_toml = tmp_path / "bad.toml"
-    bad_toml.write_text("[prompt\n", encoding="utf-8")
-    with pytest.raises(UserError, match="bad.toml"):
-        load_sample_prompts(bad_toml)
-    no_subset = tmp_path / "nosubset.toml"
-    no_subset.write_text('[prompt]\nwidth = 64\n', encoding="utf-8")
-    with pytest.raises(UserError, match="nosubset.toml"):
-        load_sample_prompts(no_subset)
-    bad_json = tmp_path / "bad.json"
-    bad_json.write_text('{"prompt": "x"}', encoding="utf-8")
-    with pytest.raises(UserError, match="bad.json"):
-        load_sample_prompts(bad_json)
-    bad_sampler = tmp_path / "sampler.txt"
-    bad_sampler.write_text("a cat --ss euler_b\n", encoding="utf-8")
-    with pytest.raises(UserError, match="euler_b.*sampler.txt"):
-        load_sample_prompts(bad_sampler)
-    not_text = tmp_path / "number.json"
-    not_text.write_text('[{"prompt": 5}]', encoding="utf-8")
-    with pytest.raises(UserError, match="number.json"):
-        load_sample_prompts(not_text)
-    bad_value = tmp_path / "value.json"
-    bad_value.write_text('[{"prompt": "x", "width": "wide"}]', encoding="utf-8")
-    with pytest.raises(UserError, match="value.json"):
-        load_sample_prompts(bad_value)
+
+
+@pytest.mark.parametrize(
+    "file_name,content,match",
+    [
+        ("bad.toml", "[prompt\n", "bad.toml"),
+        ("nosubset.toml", "[prompt]\nwidth = 64\n", "nosubset.toml"),
+        ("bad.json", '{"prompt": "x"}', "bad.json"),
+        ("sampler.txt", "a cat --ss euler_b\n", "euler_b.*sampler.txt"),
+        ("number.json", '[{"prompt": 5}]', "number.json"),
+        ("value.json", '[{"prompt": "x", "width": "wide"}]', "value.json"),
+    ],
+)
+def test_prompt_file_errors(tmp_path, file_name, content, match):
+    bad_file = tmp_path / file_name
+    bad_file.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=match):
+        load_sample_prompts(bad_file)
 
 
 @pytest.mark.parametrize(

@@ -26,16 +26,6 @@ from library.tokenizer_util import TOKENIZER_DIR, load_tokenizer
 BOS, EOS, V2_PAD = 49406, 49407, 0
 
 
-@pytest.fixture(scope="module")
-def tokenizer_v1():
-    return load_tokenizer(v2=False)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_v2():
-    return load_tokenizer(v2=True)
-
-
 # ---------------------------------------------------------------------------------------
 # Reference CLIP BPE, written from the published algorithm (CLIP's simple_tokenizer):
 # bytes → printable unicode map, regex pre-tokenisation, lowercase + whitespace clean-up,
