@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from library.sd_config import SD15_TEXT_ENCODER_CONFIG, SD21_TEXT_ENCODER_CONFIG, SD_VAE_CONFIG
+
 V1_TINY_TEXT_HIDDEN = 32
 V2_TINY_TEXT_HIDDEN = 64
 
@@ -39,36 +41,24 @@ def tiny_unet_config(v2: bool = False) -> dict[str, Any]:
 
 
 def tiny_vae_config() -> dict[str, Any]:
-    """diffusers AutoencoderKL config of a tiny SD-like VAE (4 levels, so 8x downsampling)."""
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [32, 32, 64, 64],
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 32,
-        "sample_size": 64,
-        "scaling_factor": 0.18215,
-    }
+    """diffusers AutoencoderKL config of a tiny SD-like VAE: the SD VAE (4 levels, so 8x
+    downsampling) at a fraction of its width and depth."""
+    return {**SD_VAE_CONFIG, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "sample_size": 64}
 
 
 def tiny_text_encoder_config(v2: bool = False) -> CLIPTextConfig:
     """CLIPTextConfig of a tiny text encoder with the full CLIP vocabulary and 77 positions."""
     hidden = V2_TINY_TEXT_HIDDEN if v2 else V1_TINY_TEXT_HIDDEN
+    full_size = SD21_TEXT_ENCODER_CONFIG if v2 else SD15_TEXT_ENCODER_CONFIG  # activation, token ids
     return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=3,
-        num_attention_heads=max(1, hidden // 64),
-        max_position_embeddings=77,
-        hidden_act="gelu" if v2 else "quick_gelu",
-        projection_dim=hidden,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=0 if v2 else 49407,
+        **{
+            **full_size,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": 3,
+            "num_attention_heads": max(1, hidden // 64),
+            "projection_dim": hidden,
+        }
     )
 
 
