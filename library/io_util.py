@@ -61,11 +61,21 @@ def atomic_dir(target: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, target)
+
+
+def replace_dir(new: PathLike, target: PathLike) -> None:
+    """Move the finished folder `new` to `target` (a sibling on the same file system).
+
+    An existing `target` is moved aside first and deleted only after `new` is in place, so
+    an interruption never leaves no folder where a good one was.
+    """
+    target = Path(target)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
-    os.replace(tmp, target)
+    os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

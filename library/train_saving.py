@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from argparse import Namespace
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, Optional
 
 from library import train_util
 from library.errors import UserError
+from library.io_util import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -154,19 +154,9 @@ def save_train_state(accelerator: Any, state_dir: Path, train_state: dict[str, A
         (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _replace_dir(tmp, state_dir)
+        replace_dir(tmp, state_dir)
         logger.info("saved training state: %s", state_dir)
     accelerator.wait_for_everyone()
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_train_state(accelerator: Any, state_dir: str | Path) -> dict[str, Any]:
