@@ -9,22 +9,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
+from lora_helpers import randomize_up, unet_inputs, unet_output
 from networks import dylora, lora
 
 RANK = 4
 UNIT = 2
-
-
-def unet_inputs(unet, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    sample = torch.randn(1, 4, 8, 8, generator=gen)
-    context = torch.randn(1, 5, unet.config.cross_attention_dim, generator=gen)
-    return sample, torch.tensor([600]), context
-
-
-def unet_output(unet) -> torch.Tensor:
-    with torch.no_grad():
-        return unet(*unet_inputs(unet)).sample
 
 
 def train_steps(network, unet, steps: int) -> list[float]:
@@ -130,11 +119,7 @@ def test_rank_prefixes_load_as_lora_files(models, tmp_path):
 def test_dylora_reload_and_merge(tiny_models_v1, tmp_path):
     unet, vae, te = copy.deepcopy(tiny_models_v1[0]), tiny_models_v1[1], copy.deepcopy(tiny_models_v1[2])
     network = dylora.create_network(0.5, RANK, 4.0, vae, te, unet, unit="1")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in network.named_parameters():
-            if "lora_up" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    randomize_up(network, seed=0)
     path = tmp_path / "dy.pt"
     network.save_weights(path, None, None)
     unet2, te2 = copy.deepcopy(unet), copy.deepcopy(te)

@@ -10,22 +10,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from library.tokenizer_util import load_tokenizer
+from lora_helpers import randomize_up, te_output, unet_output
 from networks import lora
-
-TOKEN_IDS = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 3])
-
-
-def unet_output(unet) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1)
-    sample = torch.randn(1, 4, 8, 8, generator=gen)
-    context = torch.randn(1, 5, unet.config.cross_attention_dim, generator=gen)
-    with torch.no_grad():
-        return unet(sample, torch.tensor([600]), context).sample
-
-
-def te_output(text_encoder) -> torch.Tensor:
-    with torch.no_grad():
-        return text_encoder(TOKEN_IDS)[0]
 
 
 def assert_rel_close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -39,11 +25,7 @@ def test_diffusers_load_lora_weights_matches_our_network(tiny_models_v1, tiny_mo
     network_args = {"conv_dim": "3", "conv_alpha": "1.5"}
     our_unet, our_te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     network = lora.create_network(1.0, 4, 2.0, vae, our_te, our_unet, **network_args)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in network.named_parameters():
-            if "lora_up" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    randomize_up(network, seed=0)
     path = tmp_path / "interop.safetensors"
     network.save_weights(path, None, {"ss_network_module": "networks.lora"})
     network.apply_to(our_te, our_unet)

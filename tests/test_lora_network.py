@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
 from library.tiny_sd import tiny_text_encoder_config, tiny_unet_config
+from lora_helpers import randomize_up, te_output, unet_output
 from networks import lora
 from networks.lora_keys import NUM_TOTAL_BLOCKS, unet_block_index
 
@@ -73,28 +74,6 @@ def expected_te_names(num_layers: int) -> set[str]:
 def fresh_models(models):
     unet, vae, text_encoder = models
     return copy.deepcopy(unet), vae, copy.deepcopy(text_encoder)
-
-
-def unet_output(unet, seed: int = 1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    sample = torch.randn(1, 4, 8, 8, generator=gen)
-    context = torch.randn(1, 5, unet.config.cross_attention_dim, generator=gen)
-    with torch.no_grad():
-        return unet(sample, torch.tensor([600]), context).sample
-
-
-def te_output(text_encoder) -> torch.Tensor:
-    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 3])
-    with torch.no_grad():
-        return text_encoder(ids)[0]
-
-
-def randomize_up(network, seed: int = 3, std: float = 0.2) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in network.named_parameters():
-            if "lora_up" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
 @pytest.fixture(params=[False, True], ids=["v1", "v2"])
