@@ -63,24 +63,19 @@ def unet_key_to_ldm(key: str, config: Mapping[str, Any]) -> str:
     for src, dst in fixed.items():
         if key.startswith(src):
             return dst + key[len(src):]
-    if m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"input_blocks.{step * i + j + 1}.0.{_resnet_inner(rest)}"
-    if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"input_blocks.{step * i + j + 1}.1.{rest}"
+    # LDM numbers resnet/attention layers across levels; input_blocks.0 is conv_in
+    if m := re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        ldm_blocks, first = ("input_blocks", 1) if m[1] == "down" else ("output_blocks", 0)
+        index = step * int(m[2]) + int(m[4]) + first
+        if m[3] == "resnets":
+            return f"{ldm_blocks}.{index}.0.{_resnet_inner(m[5])}"
+        return f"{ldm_blocks}.{index}.1.{m[5]}"
     if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
         return f"input_blocks.{step * (int(m[1]) + 1)}.0.op.{m[2]}"
     if m := re.match(r"mid_block\.resnets\.(\d)\.(.+)", key):
         return f"middle_block.{2 * int(m[1])}.{_resnet_inner(m[2])}"
     if m := re.match(r"mid_block\.attentions\.0\.(.+)", key):
         return f"middle_block.1.{m[1]}"
-    if m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"output_blocks.{step * i + j}.0.{_resnet_inner(rest)}"
-    if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"output_blocks.{step * i + j}.1.{rest}"
     if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
         i = int(m[1])
         slot = 2 if up_has_attn[i] else 1
