@@ -26,6 +26,14 @@ def test_bucket_list_small_steps() -> None:
     assert make_bucket_resolutions((64, 64), 32, 128, 32) == [(32, 96), (32, 128), (64, 64), (96, 32), (128, 32)]
 
 
+def test_bucket_list_drops_buckets_below_min_size() -> None:
+    # 64x64 area in 32-px steps (4 units) with the default max 1024: widths from 160 px on would
+    # get a height of (4 // 5) * 32 = 0 px; such buckets (any side < min 32) are not made
+    assert make_bucket_resolutions((64, 64), 32, 1024, 32) == [(32, 96), (32, 128), (64, 64), (96, 32), (128, 32)]
+    # with min 64, the 32-px sides go too and only the square is left
+    assert make_bucket_resolutions((64, 64), 64, 1024, 32) == [(64, 64)]
+
+
 @pytest.mark.parametrize(
     "image, bucket, resized",
     [
