@@ -233,7 +233,7 @@ def resize_folder_images(
     """tools/resize_images_to_resolution.py: shrink each image to at most W*H pixels per resolution.
 
     Output `<stem>+<WxH>.jpg|.png`, sides floored to `divisible_by` by a centre crop; other files
-    of the folder are copied; with copy_associated_files `<stem>.*` files are copied per
+    of the folder are copied, except latent caches (`.npz`), which would not match the new size; with copy_associated_files `<stem>.*` files are copied per
     resolution as `<stem>+<WxH><ext>`. Each resolution is made from the original image.
     """
     import shutil
@@ -254,7 +254,8 @@ def resize_folder_images(
         areas.append((f"{w}x{h}", w * h))
     dst_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    files = sorted(p for p in src_dir.iterdir() if p.is_file())
+    # cached latents (.npz) belong to the original image size: never carry them over
+    files = sorted(p for p in src_dir.iterdir() if p.is_file() and p.suffix.lower() != ".npz")
     for path in files:
         if not is_image_file(path):
             with atomic_path(dst_dir / path.name) as tmp:

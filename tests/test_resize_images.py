@@ -17,6 +17,7 @@ def test_resize_to_area_divisible_and_copy_files(tmp_path: Path) -> None:
     write_image(src / "small.jpg", 30, 20, seed=2)
     write_text(src / "big.txt", "a caption")
     write_text(src / "notes.md", "other file")
+    (src / "big.npz").write_bytes(b"stale latent cache")
     resize_images_to_resolution.main([
         str(src), str(dst), "--max_resolution", "64x64,32x32", "--divisible_by", "8", "--save_as_png", "--copy_associated_files",
     ])
@@ -28,6 +29,7 @@ def test_resize_to_area_divisible_and_copy_files(tmp_path: Path) -> None:
     assert (dst / "big+32x32.txt").is_file()
     assert (dst / "notes.md").read_text(encoding="utf-8") == "other file"  # non-image files are copied
     assert (dst / "big.txt").is_file()
+    assert not list(dst.glob("*.npz"))  # latent caches of the original size are not carried over
 
 
 def test_default_jpg_output_and_interpolation_choice(tmp_path: Path) -> None:

@@ -20,9 +20,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from library import model_util
-from library.cli import run_main
-from library.errors import UserError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from library import model_util  # noqa: E402
+from library.cli import run_main  # noqa: E402
+from library.errors import UserError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

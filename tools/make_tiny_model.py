@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
