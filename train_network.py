@@ -102,7 +102,8 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
         module = self._network_module()
         if args.dim_from_weights:
             self.network, _ = module.create_network_from_weights(
-                1, args.network_weights, models.vae, models.text_encoder, models.unet, **self.network_kwargs
+                1, args.network_weights, models.vae, models.text_encoder, models.unet,
+                neuron_dropout=getattr(args, "network_dropout", None), **self.network_kwargs,
             )
         else:
             self.network = module.create_network(

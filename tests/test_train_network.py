@@ -136,6 +136,23 @@ def test_network_weights_continue_exactly(workspace, tmp_path):
             assert torch.equal(seen[key], value), key
 
 
+def test_dim_from_weights_keeps_network_dropout(workspace, tmp_path):
+    first = tmp_path / "first"
+    th.run_train(th.base_argv(workspace["model"], workspace["img"], first, "--max_train_steps", "1"))
+    dropouts = {}
+
+    def capture(ctx):
+        network = ctx.accelerator.unwrap_model(ctx.step_module).trainable["network"]
+        dropouts.update({name: m.dropout for name, m in network.named_modules() if hasattr(m, "lora_down")})
+
+    argv = th.base_argv(
+        workspace["model"], workspace["img"], tmp_path / "second", "--max_train_steps", "1",
+        "--network_weights", str(first / "lora.safetensors"), "--dim_from_weights", "--network_dropout", "0.3",
+    )
+    th.run_train(argv, train_core.TrainHooks(on_train_start=capture))
+    assert len(dropouts) > 0 and set(dropouts.values()) == {0.3}
+
+
 def test_config_file_toml_and_cli_override(workspace, tmp_path):
     config = tmp_path / "settings.toml"
     config.write_text(
