@@ -42,8 +42,16 @@ def npz_paths_for_image(image_path: str | Path) -> tuple[str, str]:
     return str(base) + ".npz", str(base) + "_flip.npz"
 
 
-def expected_latent_hw(bucket: Reso) -> tuple[int, int]:
-    return (bucket[1] // 8, bucket[0] // 8)
+def vae_downscale_factor(vae: torch.nn.Module) -> int:
+    """Pixels per latent cell: 2 per VAE level after the first (8 for every SD VAE)."""
+    config = getattr(vae, "config", None)
+    levels = len(getattr(config, "block_out_channels", ())) if config is not None else 0
+    return 2 ** (levels - 1) if levels else 8
+
+
+def expected_latent_hw(bucket: Reso, downscale: int = 8) -> tuple[int, int]:
+    """(h, w) of the latents of a bucket-sized image."""
+    return (bucket[1] // downscale, bucket[0] // downscale)
 
 
 def _npz_shape(path: str) -> tuple[int, ...] | None:
@@ -56,9 +64,11 @@ def _npz_shape(path: str) -> tuple[int, ...] | None:
         return None
 
 
-def is_disk_cache_valid(npz_path: str, bucket: Reso, image_path: str | None, flip_npz_path: str | None = None) -> bool:
+def is_disk_cache_valid(
+    npz_path: str, bucket: Reso, image_path: str | None, flip_npz_path: str | None = None, downscale: int = 8
+) -> bool:
     """True when the npz (and the flipped one, if asked) exist, fit the bucket and are newer than the image."""
-    expected = expected_latent_hw(bucket)
+    expected = expected_latent_hw(bucket, downscale)
     for path in [npz_path] + ([flip_npz_path] if flip_npz_path else []):
         if not Path(path).is_file():
             return False
@@ -124,6 +134,7 @@ def cache_latents(
     paths go to `info.latents_npz` / `info.latents_npz_flipped` and are loaded per step.
     """
     vae_batch_size = max(1, int(vae_batch_size or 1))
+    downscale = vae_downscale_factor(vae)
     todo: list[tuple[CacheableImage, bool]] = []
     for info, flip in tqdm(list(zip(infos, flip_flags)), desc="checking latent caches", leave=False):
         if getattr(info, "npz_prepared", False):
@@ -135,7 +146,7 @@ def cache_latents(
             info.latents_npz, info.latents_npz_flipped = npz, (npz_flip if flip else None)
             if not is_main_process:
                 continue  # the main process writes the files
-            if is_disk_cache_valid(npz, info.bucket_reso, info.absolute_path, npz_flip if flip else None):
+            if is_disk_cache_valid(npz, info.bucket_reso, info.absolute_path, npz_flip if flip else None, downscale):
                 continue
         todo.append((info, flip))
     # batches of one bucket each, in bucket order
@@ -254,7 +265,7 @@ def prepare_buckets_latents(
         if skip_existing:
             npz = str(prepared_npz_stem(train_data_dir, key, full_path, False, recursive)) + ".npz"
             flip_npz = str(prepared_npz_stem(train_data_dir, key, full_path, True, recursive)) + ".npz"
-            if is_disk_cache_valid(npz, reso, None, flip_npz if flip_aug else None):
+            if is_disk_cache_valid(npz, reso, None, flip_npz if flip_aug else None, vae_downscale_factor(vae)):
                 continue
         pending.setdefault(reso, []).append((key, trim_and_resize(image, reso, resized)))
         if len(pending[reso]) >= batch_size:

@@ -160,3 +160,16 @@ def test_unreadable_npz_is_named(tmp_path: Path) -> None:
     bad.write_bytes(b"nope")
     with pytest.raises(UserError, match="bad.npz"):
         latent_cache.load_latents_npz(bad)
+
+
+def test_latent_size_follows_the_vae_depth() -> None:
+    from diffusers import AutoencoderKL
+
+    from library.tiny_sd import tiny_vae_config
+
+    assert latent_cache.vae_downscale_factor(AutoencoderKL(**tiny_vae_config())) == 8
+    three_levels = dict(tiny_vae_config(), block_out_channels=[32, 32, 64],
+                        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3)
+    assert latent_cache.vae_downscale_factor(AutoencoderKL(**three_levels)) == 4
+    assert latent_cache.expected_latent_hw((96, 64)) == (8, 12)
+    assert latent_cache.expected_latent_hw((96, 64), downscale=4) == (16, 24)
