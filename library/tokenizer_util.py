@@ -11,6 +11,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from library.io_util import atomic_dir
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "clip_tokenizer"
@@ -45,5 +47,6 @@ def load_tokenizer(v2: bool = False, tokenizer_cache_dir: str | Path | None = No
     if tokenizer_cache_dir is not None:
         cached = _cache_folder(tokenizer_cache_dir, v2)
         logger.info("saving tokenizer to cache: %s", cached)
-        tokenizer.save_pretrained(str(cached))
+        with atomic_dir(cached) as tmp:
+            tokenizer.save_pretrained(str(tmp))
     return tokenizer
