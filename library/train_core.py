@@ -457,7 +457,8 @@ class _Runner:
         self.epoch_losses: list[float] = []
 
     # set-up ---------------------------------------------------------------------------
-    def setup(self) -> TrainContext:
+    def setup(self) -> Any:
+        """Check flags, set up accelerate and build the DatasetGroup (returned); no model yet."""
         from library import model_util, sampling
 
         args, method = self.args, self.method
@@ -480,6 +481,14 @@ class _Runner:
         dataset_group = _build_dataset_group(args, method, accelerator)  # data errors before the slow model load
         if len(dataset_group) == 0:
             raise UserError("no training images found: check --train_data_dir / --dataset_config")
+        self.accelerator, self.weight_dtype, self.save_dtype = accelerator, weight_dtype, save_dtype
+        self.sample_prompts, self.dataset_group, self.resume_state = sample_prompts, dataset_group, resume_state
+        return dataset_group
+
+    def load_models(self) -> TrainContext:
+        from library import model_util
+
+        args, method, accelerator, weight_dtype = self.args, self.method, self.accelerator, self.weight_dtype
         load_device = accelerator.device if getattr(args, "lowram", False) else torch.device("cpu")
         models = model_util.load_target_model(
             args.pretrained_model_name_or_path,
@@ -494,12 +503,10 @@ class _Runner:
             logger.info("the model is an SD v2 model: training as v2")
             args.v2 = True
         ctx = TrainContext(
-            args=args, accelerator=accelerator, models=models, weight_dtype=weight_dtype, save_dtype=save_dtype,
-            sample_prompts=sample_prompts,
+            args=args, accelerator=accelerator, models=models, weight_dtype=weight_dtype, save_dtype=self.save_dtype,
+            sample_prompts=self.sample_prompts, dataset_group=self.dataset_group,
         )
         ctx.noise_scheduler = _noise_scheduler(args, accelerator.device)
-        ctx.dataset_group = dataset_group
-        self.resume_state = resume_state
         self.ctx = ctx
         return ctx
 
@@ -786,11 +793,12 @@ class _Runner:
 def run_training(args: argparse.Namespace, method: TrainingMethod, hooks: Optional[TrainHooks] = None) -> TrainResult:
     """Train with `method` according to `args` (sd-scripts flags); returns losses and the output path."""
     runner = _Runner(args, method, hooks or TrainHooks())
-    runner.setup()
-    if getattr(args, "debug_dataset", False):
+    dataset_group = runner.setup()
+    if getattr(args, "debug_dataset", False):  # like sd-scripts: show the batches, load no model, train nothing
         from library import datasets
 
-        datasets.debug_dataset(runner.ctx.dataset_group, epoch=0, max_batches=8)
+        datasets.debug_dataset(dataset_group, epoch=0, max_batches=8)
         return TrainResult(0, 0, [], None, True)
+    runner.load_models()
     runner.prepare()
     return runner.train()

@@ -279,3 +279,20 @@ def test_debug_dataset_shows_batches_without_training(workspace, tmp_path, caplo
         result = th.run_train(argv)
     assert result.global_step == 0 and not (tmp_path / "out").exists()
     assert "caption: 'sks dog" in caplog.text
+
+
+def test_debug_dataset_loads_no_model(workspace, tmp_path, caplog, monkeypatch):
+    from library import model_util
+
+    def no_model_load(*args, **kwargs):
+        raise AssertionError("--debug_dataset must not load the model")
+
+    monkeypatch.setattr(model_util, "load_target_model", no_model_load)
+    missing = tmp_path / "no_such_model.safetensors"
+    argv = th.base_argv(missing, workspace["img"], tmp_path / "out", "--debug_dataset", "--cache_latents")
+    with caplog.at_level("INFO"):
+        result = th.run_train(argv)
+    assert result.global_step == 0 and result.final_model_path is None and not (tmp_path / "out").exists()
+    shown = [line for line in caplog.text.splitlines() if "caption: 'sks dog" in line]
+    assert len(shown) == 8 * 2  # 8 batches of 2 images
+    assert all("size 64x64" in line and "img" in line for line in shown)
