@@ -490,7 +490,9 @@ class DatasetGroup(torch.utils.data.Dataset):
         self.steps_divisor = max(1, int(num_processes) * int(gradient_accumulation_steps))
 
     def captions_are_fixed(self) -> bool:
-        """True when every epoch shows each image with the same caption (text-encoder outputs can be cached)."""
+        """True when every epoch shows each image with the same caption, so the training core may
+        cache text-encoder outputs per caption: no subset shuffles, drops captions (rate or every
+        n epochs) or tags, or warms up tokens, and no replacement picks a random template."""
         if any(isinstance(v, list) for v in self.replacements.values()):
             return False
         return all(

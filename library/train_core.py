@@ -304,20 +304,6 @@ class TextEmbeddingCache:
         return len(self._states)
 
 
-def captions_are_fixed(args: argparse.Namespace, dataset_group: Any) -> bool:
-    """True when the set of caption strings is small and fixed (so caching their states pays):
-    no tag shuffling, tag dropout or token warm-up in any subset (whole-caption dropout only
-    adds the empty caption)."""
-    subsets = [s for d in getattr(dataset_group, "datasets", []) for s in getattr(d, "subsets", [])]
-    sources = subsets or [args]
-    return not any(
-        getattr(source, "shuffle_caption", False)
-        or getattr(source, "caption_tag_dropout_rate", 0)
-        or getattr(source, "token_warmup_step", 0)
-        for source in sources
-    )
-
-
 # --- data, latents, text, samples ------------------------------------------------------
 def _build_dataset_group(args: argparse.Namespace, method: TrainingMethod, accelerator: Any) -> Any:
     """The DatasetGroup from `--dataset_config` or the dataset flags (sd-scripts rules)."""
@@ -588,7 +574,7 @@ class _Runner:
     def _make_text_encoder(self) -> Callable[[list[str]], torch.Tensor]:
         args, ctx, method = self.args, self.ctx, self.method
         encode = _text_encode_fn(args, ctx)
-        if not method.train_text_encoder and captions_are_fixed(args, ctx.dataset_group):
+        if not method.train_text_encoder and ctx.dataset_group.captions_are_fixed():
             logger.info("caching text encoder outputs per caption")
             return TextEmbeddingCache(encode, ctx.accelerator.device)
         return encode

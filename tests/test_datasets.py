@@ -267,3 +267,18 @@ def test_add_replacement_reaches_batches(train_dir: Path) -> None:
     group.add_replacement("", ["a photo of tok", "art of tok"])
     assert not group.captions_are_fixed()
     assert {c for i in range(len(group)) for c in group[(0, i)]["captions"]} == {"a photo of tok", "art of tok"}
+
+
+@pytest.mark.parametrize("name, value", [
+    ("shuffle_caption", True), ("caption_dropout_rate", 0.5), ("caption_dropout_every_n_epochs", 2),
+    ("caption_tag_dropout_rate", 0.1), ("token_warmup_step", 5),
+])
+def test_captions_not_fixed_with_any_caption_randomness(train_dir: Path, name: str, value: object) -> None:
+    assert _group(train_dir).captions_are_fixed()
+    group = _group(train_dir, **{name: value})
+    assert not group.captions_are_fixed()
+    # only one of two subsets varies its captions: still not fixed
+    setattr(group.datasets[0].subsets[0], name, type(value)(0))
+    assert len(group.datasets[0].subsets) == 2 and not group.captions_are_fixed()
+    setattr(group.datasets[0].subsets[1], name, type(value)(0))
+    assert group.captions_are_fixed()

@@ -118,18 +118,42 @@ def test_text_embedding_cache_encodes_each_caption_once():
     assert calls[-2:] == [["ccc"], ["ccc"]] and len(cache) == 2  # past max_entries: encoded, not stored
 
 
-def test_captions_fixed_only_without_caption_randomness():
-    from library.datasets import DreamBoothSubset
+def _text_encoder_kind(argv) -> type:
+    seen = []
 
-    def group(**settings):
-        return argparse.Namespace(datasets=[argparse.Namespace(subsets=[DreamBoothSubset(), DreamBoothSubset(**settings)])])
+    def capture(ctx):
+        seen.append(type(ctx.accelerator.unwrap_model(ctx.step_module)._encode_text))
 
-    assert train_core.captions_are_fixed(argparse.Namespace(), group())
-    assert train_core.captions_are_fixed(argparse.Namespace(), group(caption_dropout_rate=0.5))  # adds "" only
-    for name, value in [("shuffle_caption", True), ("caption_tag_dropout_rate", 0.1), ("token_warmup_step", 5)]:
-        assert not train_core.captions_are_fixed(argparse.Namespace(), group(**{name: value}))
-    # without dataset objects the flags decide
-    assert not train_core.captions_are_fixed(argparse.Namespace(shuffle_caption=True), object())
+    th.run_train(argv, train_core.TrainHooks(on_train_start=capture, stop_after_step=1))
+    return seen[0]
+
+
+def test_text_encoder_outputs_cached_only_for_fixed_captions(tmp_path):
+    model = th.make_tiny_model(tmp_path)
+    img = th.make_image_folder(tmp_path, count=2, repeats=1)
+    cat = img / "1_cat"
+    cat.mkdir()
+    for name in ("img0.png", "img0.txt"):
+        (cat / name).write_bytes((img / "1_sks dog" / name).read_bytes())
+
+    def argv(*extra):
+        return th.base_argv(model, img, tmp_path / "out", "--max_train_steps", "1", "--network_train_unet_only", *extra)
+
+    assert _text_encoder_kind(argv()) is train_core.TextEmbeddingCache
+    assert _text_encoder_kind(argv("--caption_dropout_rate", "0.5")) is not train_core.TextEmbeddingCache
+    assert _text_encoder_kind(argv("--caption_dropout_every_n_epochs", "2")) is not train_core.TextEmbeddingCache
+    # one of two subsets shuffles its tags
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        "[general]\nresolution = 64\ncaption_extension = '.txt'\nbatch_size = 2\n[[datasets]]\n"
+        f"[[datasets.subsets]]\nimage_dir = '{(img / '1_sks dog').as_posix()}'\nnum_repeats = 1\n"
+        f"[[datasets.subsets]]\nimage_dir = '{cat.as_posix()}'\nnum_repeats = 1\nshuffle_caption = true\n",
+        encoding="utf-8",
+    )
+    with_config = [a for a in argv("--dataset_config", str(config))]
+    index = with_config.index("--train_data_dir")
+    del with_config[index:index + 2]
+    assert _text_encoder_kind(with_config) is not train_core.TextEmbeddingCache
 
 
 def test_metadata_for_save_and_no_metadata():
