@@ -2,9 +2,9 @@
 
 Loading builds the diffusers / transformers models on the meta device from a config
 inferred from the weights (library.sd_config) and assigns the converted tensors
-(library.sd_keys), read one at a time from a memory-mapped file, so the weights are never
-held twice. Saving writes through library.io_util, so an existing output is never left
-half-written.
+(library.sd_keys), read one tensor at a time straight into the memory the model keeps, so
+the weights are never held twice. Saving writes through library.io_util, so an existing
+output is never left half-written.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from typing import Any, Callable, Mapping
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -65,6 +64,62 @@ def precision_to_dtype(precision: str | None) -> torch.dtype | None:
 
 
 # ---------------------------------------------------------------- single-file reading
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time from a `.safetensors` file with plain file reads.
+
+    safetensors' own reader memory-maps the file; every page it touches then counts in the
+    process's resident memory until the mapping closes, so loading a model that way peaks at
+    twice the model's size. Reading each tensor straight into memory the model keeps holds
+    the weights once (the file's pages stay in the OS cache, not in this process).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+            size = path.stat().st_size
+            header_len = int.from_bytes(self._file.read(8), "little")
+            if size < 8 or header_len <= 0 or 8 + header_len > size:
+                raise ValueError("bad header length")
+            header = json.loads(self._file.read(header_len).decode("utf-8"))
+            self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+            self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+            for key, info in header.items():
+                start, end = info["data_offsets"]
+                self._entries[key] = (_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), start, end)
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            self.close()
+            raise UserError(f"{path}: not a readable safetensors file ({err})") from None
+        self._data_start = 8 + header_len
+        self.shapes = {key: entry[1] for key, entry in self._entries.items()}
+        if any(self._data_start + entry[3] > size for entry in self._entries.values()):
+            self.close()
+            raise UserError(f"{path}: the file is truncated (tensor data ends past the end of the file)")
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        dtype, shape, start, end = self._entries[key]
+        tensor = torch.empty(shape, dtype=dtype)
+        buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+        if buffer.nbytes != end - start:
+            raise UserError(f"{self.path}: tensor '{key}' has {end - start} bytes for shape {list(shape)}")
+        self._file.seek(self._data_start + start)
+        if self._file.readinto(memoryview(buffer)) != buffer.nbytes:
+            raise UserError(f"{self.path}: cannot read tensor '{key}'; the file may be truncated")
+        return tensor
+
+    def close(self) -> None:
+        handle = getattr(self, "_file", None)
+        if handle is not None:
+            handle.close()
+            self._file = None
+
+
 class LdmFile:
     """Lazy, read-only access to the tensors of a `.safetensors` / `.ckpt` single file."""
 
@@ -76,15 +131,13 @@ class LdmFile:
         self.extras: dict[str, Any] = {}  # top-level keys of a .ckpt besides state_dict
         self._handle = None
         self._tensors: dict[str, torch.Tensor] = {}
-        # tensors are views of a memory-mapped file (safetensors, zip .ckpt) rather than owned memory
+        # tensors are views of a memory-mapped file (zip .ckpt) rather than owned memory
         self.mapped = True
         if is_safetensors(self.path):
-            try:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-                self.shapes = {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._handle.keys()}
-                self.metadata = dict(self._handle.metadata() or {})
-            except Exception as err:  # safetensors raises its own error types for bad headers
-                raise UserError(f"{self.path}: not a readable safetensors file ({err})") from None
+            self._handle = SafetensorsReader(self.path)
+            self.shapes = self._handle.shapes
+            self.metadata = self._handle.metadata
+            self.mapped = False
         else:
             loaded = load_pickle_checkpoint(self.path, mmap=mmap)
             self.mapped = mmap and zipfile.is_zipfile(self.path)
@@ -109,12 +162,11 @@ class LdmFile:
             raise UserError(f"{self.path}: key '{key}' is missing; not a complete Stable Diffusion checkpoint")
         if self._handle is None:
             return self._tensors[key]
-        try:
-            return self._handle.get_tensor(key)
-        except Exception as err:
-            raise UserError(f"{self.path}: cannot read tensor '{key}' ({err}); the file may be truncated") from None
+        return self._handle.get_tensor(key)
 
     def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
         self._handle = None
         self._tensors = {}
 

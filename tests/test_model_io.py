@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from library.errors import UserError
 from library.model_util import load_target_model
 
 
@@ -416,3 +417,34 @@ def test_scheduler_configs():
     name, config = sd_config.diffusers_scheduler_config(True)
     assert name == "DDIMScheduler" and config["prediction_type"] == "v_prediction"
     assert sd_config.diffusers_scheduler_config(True, v_parameterization=False)[1]["prediction_type"] == "epsilon"
+
+
+def test_safetensors_reader_matches_the_safetensors_library(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from library.model_util import SafetensorsReader
+
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "f16": torch.randn(7).half(),
+        "bf16": torch.randn(2, 2, 3).bfloat16(),
+        "i64": torch.arange(6).reshape(2, 3),
+        "scalar": torch.tensor(0.5),
+        "empty": torch.zeros(0, 4),
+        "flag": torch.tensor([True, False, True]),
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path), metadata={"note": "x"})
+    reader = SafetensorsReader(path)
+    expected = load_file(str(path))
+    assert reader.metadata == {"note": "x"}
+    assert reader.shapes == {k: tuple(v.shape) for k, v in expected.items()}
+    for key, value in expected.items():
+        got = reader.get_tensor(key)
+        assert got.dtype == value.dtype and torch.equal(got, value), key
+    reader.close()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(UserError, match="truncated"):
+        SafetensorsReader(truncated)
