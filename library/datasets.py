@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -576,11 +577,14 @@ class DatasetGroup(torch.utils.data.Dataset):
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """Yields this process's `(epoch, batch_index)` keys from `start`; ranks interleave.
+    """Yields this process's `(epoch, batch_index)` keys of one epoch; ranks interleave.
 
     With several processes every rank yields the same count (short ranks repeat early
-    batches) so that collective ops never wait on a finished rank. `set_epoch` lets one
-    sampler (and persistent workers) serve every epoch.
+    batches) so that collective ops never wait on a finished rank. `start` is the epoch's
+    batch index a resumed run continues from (a multiple of world_size): each rank drops its
+    first `start // world_size` keys, so a resumed run sees exactly the batches an
+    uninterrupted one would. `set_epoch` lets one sampler (and persistent workers) serve
+    every epoch.
     """
 
     def __init__(self, num_batches: int, epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
@@ -594,15 +598,9 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.start = int(epoch), max(0, int(start))
 
     def _indices(self) -> list[int]:
-        remaining = max(0, self.num_batches - self.start)
-        rounds = math.ceil(remaining / self.world_size)
-        indices = []
-        for r in range(rounds):
-            index = self.start + r * self.world_size + self.rank
-            if index >= self.num_batches:
-                index = self.start + (index - self.start) % remaining
-            indices.append(index)
-        return indices
+        rounds = math.ceil(self.num_batches / self.world_size)
+        indices = [(r * self.world_size + self.rank) % self.num_batches for r in range(rounds)] if self.num_batches else []
+        return indices[self.start // self.world_size:]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter([(self.epoch, i) for i in self._indices()])
@@ -611,22 +609,38 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return len(self._indices())
 
 
-def _unwrap(batch: dict[str, Any]) -> dict[str, Any]:
-    return batch
+class _KeyedBatches(torch.utils.data.Dataset):
+    """`key -> (key, batch)`: the loop reads each batch's key (its epoch and seed) with it."""
+
+    def __init__(self, dataset_group: DatasetGroup) -> None:
+        self.dataset_group = dataset_group
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int], dict[str, Any]]:
+        return key, self.dataset_group[key]
+
+
+def _keep_as_is(item: Any) -> Any:  # module level: picklable for worker processes
+    return item
 
 
 def make_dataloader(dataset_group: DatasetGroup, epoch: int = 0, start_batch: int = 0, n_workers: int = 0,
-                    persistent: bool = False, rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
-    """DataLoader over the batch keys; change epochs with `loader.sampler.set_epoch(epoch, start)`."""
+                    persistent: bool = False, rank: int = 0, world_size: int = 1,
+                    pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """DataLoader of `((epoch, batch_index), batch)` for one epoch; the next epoch comes from the same
+    loader after `loader.sampler.set_epoch(epoch, start)` (the sampler runs in the main process, so
+    persistent workers serve every epoch with the right keys). `n_workers` is capped at the CPU
+    count (--max_data_loader_n_workers); `persistent` keeps workers across epochs
+    (--persistent_data_loader_workers)."""
     sampler = EpochBatchSampler(len(dataset_group), epoch, start_batch, rank, world_size)
-    n_workers = max(0, int(n_workers))
+    n_workers = max(0, min(int(n_workers), os.cpu_count() or 1))
     return torch.utils.data.DataLoader(
-        dataset_group,
+        _KeyedBatches(dataset_group),
         sampler=sampler,
         batch_size=None,
-        collate_fn=_unwrap,
+        collate_fn=_keep_as_is,
         num_workers=n_workers,
         persistent_workers=bool(persistent) and n_workers > 0,
+        pin_memory=pin_memory,
     )
 
 

@@ -21,7 +21,6 @@ import contextlib
 import importlib.util
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,41 +356,17 @@ def _batches_per_rank(num_batches: int, world_size: int) -> int:
     return len(EpochBatchSampler(num_batches, 0, 0, 0, world_size))
 
 
-class _RunKeys(torch.utils.data.Sampler):
-    """This process's batch keys for the rest of the run, epoch after epoch; the first `skip` keys
-    of the start epoch are dropped unloaded, so a resumed run sees exactly the remaining batches."""
+def _make_loader(args: argparse.Namespace, ctx: TrainContext, start_epoch: int, start_batch: int) -> Any:
+    """The run's DataLoader (datasets.make_dataloader); the loop moves it from epoch to epoch."""
+    from library import datasets
 
-    def __init__(self, num_batches: int, start_epoch: int, skip: int, num_epochs: int, rank: int, world_size: int):
-        self.num_batches, self.start_epoch, self.skip = num_batches, start_epoch, skip
-        self.num_epochs, self.rank, self.world_size = num_epochs, rank, world_size
-
-    def __iter__(self):
-        from library.datasets import EpochBatchSampler
-
-        for epoch in range(self.start_epoch, self.num_epochs):
-            keys = list(EpochBatchSampler(self.num_batches, epoch, 0, self.rank, self.world_size))
-            yield from keys[self.skip if epoch == self.start_epoch else 0:]
-
-
-class _KeyedBatches(torch.utils.data.Dataset):
-    def __init__(self, dataset_group: Any):
-        self.dataset_group = dataset_group
-
-    def __getitem__(self, key):
-        return key, self.dataset_group[key]
-
-
-def _keep_as_is(item):  # a module-level function: picklable for worker processes
-    return item
-
-
-def _make_run_loader(args, ctx: TrainContext, start_epoch: int, start_batch: int, rank: int, world_size: int):
-    """One DataLoader for the whole run (workers live for the whole run, epochs chain)."""
-    workers = min(int(getattr(args, "max_data_loader_n_workers", 0) or 0), max(0, (os.cpu_count() or 1) - 1))
-    sampler = _RunKeys(ctx.num_batches_per_epoch, start_epoch, start_batch // world_size, ctx.num_train_epochs, rank, world_size)
-    return torch.utils.data.DataLoader(
-        _KeyedBatches(ctx.dataset_group), sampler=sampler, batch_size=None, collate_fn=_keep_as_is,
-        num_workers=workers, pin_memory=ctx.accelerator.device.type == "cuda",
+    accelerator = ctx.accelerator
+    return datasets.make_dataloader(
+        ctx.dataset_group, start_epoch, start_batch,
+        n_workers=int(getattr(args, "max_data_loader_n_workers", 0) or 0),
+        persistent=bool(getattr(args, "persistent_data_loader_workers", False)),
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        pin_memory=accelerator.device.type == "cuda",
     )
 
 
@@ -603,9 +578,7 @@ class _Runner:
         if getattr(args, "sample_at_first", False) and ctx.global_step == 0:
             self._sample(epoch=0, step=0)
 
-        loader = _make_run_loader(
-            args, ctx, self.start_epoch, self.start_batch, accelerator.process_index, accelerator.num_processes
-        )
+        loader = _make_loader(args, ctx, self.start_epoch, self.start_batch)
         accumulation = args.gradient_accumulation_steps or 1
         world = accelerator.num_processes
         epoch = self.start_epoch
@@ -613,46 +586,42 @@ class _Runner:
         stopped = ctx.global_step >= ctx.max_train_steps
         if not stopped:
             self._epoch_start(epoch)
+        finished = stopped
         step_loss = None
-        for (key_epoch, batch_index), batch in (loader if not stopped else ()):
-            if key_epoch != epoch:
-                raise RuntimeError(f"batch order broken: got epoch {key_epoch} while in epoch {epoch}")
-            sync = (micro + 1) % accumulation == 0 or micro + 1 == self.batches_per_rank
-            seed = step_seed(args.seed, epoch, batch_index)
-            torch.manual_seed(seed)  # network dropout and other users of the global RNG
-            generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-            with accelerator.no_sync(self.step_module) if not sync else contextlib.nullcontext():
-                loss = self._loss(batch, generator)
-                accelerator.backward(loss / accumulation)
-            detached = loss.detach()
-            step_loss = detached if step_loss is None else step_loss + detached
-            micro += 1
-            if sync:
-                if getattr(args, "max_grad_norm", 0):
-                    accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
-                ctx.optimizer.step()
-                ctx.lr_scheduler.step()
-                ctx.optimizer.zero_grad(set_to_none=True)
-                ctx.global_step += 1
-                method.on_step_end(ctx)
-                progress.update(1)
-                micro_in_step = micro % accumulation or accumulation
-                lrs = [float(lr) for lr in ctx.lr_scheduler.get_last_lr()]
-                self.pending.append((ctx.global_step, step_loss / micro_in_step, lrs))
-                step_loss = None
-                if len(self.pending) >= read_every:
-                    self._read_losses()
-                self._after_step(epoch, micro, ext)
-            if micro == self.batches_per_rank:
-                self._epoch_end(epoch, ext)
-                epoch, micro = epoch + 1, 0
-                if epoch < ctx.num_train_epochs and ctx.global_step < ctx.max_train_steps:
-                    self._epoch_start(epoch)
-            if self._stop_requested():
-                stopped = True
-                break
-            if ctx.global_step >= ctx.max_train_steps or epoch >= ctx.num_train_epochs:
-                break
+        while not finished and epoch < ctx.num_train_epochs:
+            loader.sampler.set_epoch(epoch, micro * world)  # persistent workers keep serving the loader
+            for (key_epoch, batch_index), batch in loader:
+                if key_epoch != epoch:
+                    raise RuntimeError(f"batch order broken: got epoch {key_epoch} while in epoch {epoch}")
+                sync = (micro + 1) % accumulation == 0 or micro + 1 == self.batches_per_rank
+                seed = step_seed(args.seed, epoch, batch_index)
+                torch.manual_seed(seed)  # network dropout and other users of the global RNG
+                generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+                with accelerator.no_sync(self.step_module) if not sync else contextlib.nullcontext():
+                    loss = self._loss(batch, generator)
+                    accelerator.backward(loss / accumulation)
+                detached = loss.detach()
+                step_loss = detached if step_loss is None else step_loss + detached
+                micro += 1
+                if sync:
+                    self._optimizer_step(micro, accumulation, step_loss)
+                    step_loss = None
+                    if len(self.pending) >= read_every:
+                        self._read_losses()
+                    self._after_step(epoch, micro, ext)
+                if micro == self.batches_per_rank:
+                    self._epoch_end(epoch, ext)
+                    epoch, micro = epoch + 1, 0
+                    if epoch < ctx.num_train_epochs and ctx.global_step < ctx.max_train_steps:
+                        self._epoch_start(epoch)
+                if self._stop_requested():
+                    stopped = finished = True
+                    break
+                if ctx.global_step >= ctx.max_train_steps or epoch >= ctx.num_train_epochs:
+                    finished = True
+                    break
+            else:
+                finished = micro != 0  # defensive: an epoch's keys ran out before its last batch
         self.position = (epoch, micro)
         self._read_losses()
         progress.close()
@@ -663,6 +632,20 @@ class _Runner:
         if self.hooks.on_train_end is not None:
             self.hooks.on_train_end(ctx)
         return TrainResult(ctx.global_step, ctx.epoch, list(self.step_losses), final_path, stopped)
+
+    def _optimizer_step(self, micro: int, accumulation: int, step_loss: torch.Tensor) -> None:
+        args, ctx = self.args, self.ctx
+        if getattr(args, "max_grad_norm", 0):
+            ctx.accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
+        ctx.optimizer.step()
+        ctx.lr_scheduler.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.global_step += 1
+        self.method.on_step_end(ctx)
+        self.progress.update(1)
+        micro_in_step = micro % accumulation or accumulation
+        lrs = [float(lr) for lr in ctx.lr_scheduler.get_last_lr()]
+        self.pending.append((ctx.global_step, step_loss / micro_in_step, lrs))
 
     def _stop_requested(self) -> bool:
         stop = self.hooks.stop_after_step

@@ -215,23 +215,44 @@ def test_epoch_batch_sampler_sharding_and_resume() -> None:
 
 
 def _collect(loader: torch.utils.data.DataLoader) -> list:
-    return [(b["absolute_paths"], b["captions"], b["images"]) for b in loader]
+    return [(key, b["absolute_paths"], b["captions"], b["images"]) for key, b in loader]
 
 
-def test_dataloader_workers_give_the_same_batches(train_dir: Path) -> None:
+def _same_batches(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        ka == kb and pa == pb and ca == cb and torch.equal(ia, ib) for (ka, pa, ca, ia), (kb, pb, cb, ib) in zip(a, b)
+    )
+
+
+def test_persistent_workers_give_each_epoch_its_own_batches(train_dir: Path) -> None:
     group = _group(train_dir, shuffle_caption=True, flip_aug=True, color_aug=True)
-    serial = _collect(make_dataloader(group, epoch=1, n_workers=0))
-    parallel_loader = make_dataloader(group, epoch=1, n_workers=2, persistent=True)
-    parallel = _collect(parallel_loader)
-    assert len(serial) == len(parallel) == len(group)
-    for (paths_a, caps_a, img_a), (paths_b, caps_b, img_b) in zip(serial, parallel):
-        assert paths_a == paths_b and caps_a == caps_b and torch.equal(img_a, img_b)
-    # persistent workers: the next epoch's keys come from the same sampler
-    parallel_loader.sampler.set_epoch(2, start=4)
-    later = _collect(parallel_loader)
-    expected = [group[(2, i)] for i in range(4, len(group))]
-    assert [b[0] for b in later] == [e["absolute_paths"] for e in expected]
-    assert all(torch.equal(b[2], e["images"]) for b, e in zip(later, expected))
+    serial_loader = make_dataloader(group, epoch=1, n_workers=0)
+    serial = {1: _collect(serial_loader)}
+    serial_loader.sampler.set_epoch(2)
+    serial[2] = _collect(serial_loader)
+    loader = make_dataloader(group, epoch=1, n_workers=2, persistent=True)
+    assert loader.num_workers == 2 and loader.persistent_workers
+    epoch1 = _collect(loader)
+    workers = [w.pid for w in loader._iterator._workers]
+    loader.sampler.set_epoch(2)
+    epoch2 = _collect(loader)
+    assert [w.pid for w in loader._iterator._workers] == workers  # the same worker processes
+    assert [k for k, *_ in epoch2] == [(2, i) for i in range(len(group))]
+    assert _same_batches(epoch1, serial[1]) and _same_batches(epoch2, serial[2])
+    assert not _same_batches([(None, *rest) for _, *rest in epoch1], [(None, *rest) for _, *rest in epoch2])
+    # a resumed epoch starts at its batch index
+    loader.sampler.set_epoch(2, start=4)
+    assert _same_batches(_collect(loader), serial[2][4:])
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_dataloader_workers_capped_at_cpu_count(train_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    group = _group(train_dir)
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert make_dataloader(group, n_workers=8).num_workers == 3
+    assert make_dataloader(group, n_workers=2).num_workers == 2
+    no_workers = make_dataloader(group, n_workers=0, persistent=True)
+    assert no_workers.num_workers == 0 and not no_workers.persistent_workers
 
 
 def test_debug_dataset_logs_what_the_model_sees(train_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

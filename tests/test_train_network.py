@@ -153,6 +153,29 @@ def test_dim_from_weights_keeps_network_dropout(workspace, tmp_path):
     assert len(dropouts) > 0 and set(dropouts.values()) == {0.3}
 
 
+def test_loader_workers_flags_reach_the_loader_and_keep_batches(workspace, tmp_path, monkeypatch):
+    from library import datasets
+
+    img = th.make_image_folder(tmp_path, count=4, repeats=1)  # 2 batches per epoch
+    loaders = []
+    real_make_dataloader = datasets.make_dataloader
+
+    def spy(*args, **kwargs):
+        loaders.append(real_make_dataloader(*args, **kwargs))
+        return loaders[-1]
+
+    monkeypatch.setattr(datasets, "make_dataloader", spy)
+    base = ["--max_train_steps", "100", "--max_train_epochs", "2", "--network_train_unet_only"]
+    serial = th.run_train(th.base_argv(workspace["model"], img, tmp_path / "a", *base)).step_losses
+    parallel = th.run_train(th.base_argv(
+        workspace["model"], img, tmp_path / "b", *base, "--max_data_loader_n_workers", "2",
+        "--persistent_data_loader_workers",
+    )).step_losses
+    assert [(loader.num_workers, loader.persistent_workers) for loader in loaders] == [(0, False), (2, True)]
+    assert loaders[1]._iterator is not None  # persistent workers outlived the epochs
+    assert len(serial) == 4 and parallel == serial  # same batches, epoch by epoch
+
+
 def test_config_file_toml_and_cli_override(workspace, tmp_path):
     config = tmp_path / "settings.toml"
     config.write_text(
