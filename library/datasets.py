@@ -641,6 +641,9 @@ def make_dataloader(dataset_group: DatasetGroup, epoch: int = 0, start_batch: in
         num_workers=n_workers,
         persistent_workers=bool(persistent) and n_workers > 0,
         pin_memory=pin_memory,
+        # batches are seeded by their keys; an own generator keeps each epoch's iterator from
+        # drawing worker seeds out of the global RNG
+        generator=torch.Generator().manual_seed(dataset_group.seed),
     )
 
 
