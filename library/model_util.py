@@ -218,7 +218,12 @@ def _unet_from_ldm(
 
 
 def _vae_from_shapes(
-    shapes_ldm: Mapping[str, tuple], get: Callable[[str], torch.Tensor], prefix: str, source: Path, dtype: torch.dtype
+    shapes_ldm: Mapping[str, tuple],
+    get: Callable[[str], torch.Tensor],
+    prefix: str,
+    source: Path,
+    dtype: torch.dtype,
+    copy: bool,
 ) -> AutoencoderKL:
     config = sd_config.infer_vae_config(shapes_ldm, prefix)
     with init_empty_weights():
@@ -226,7 +231,7 @@ def _vae_from_shapes(
     shapes = {k: v.shape for k, v in vae.state_dict().items()}
     num_levels = len(config["block_out_channels"])
     links = sd_keys.safe_links(lambda: sd_keys.vae_links(shapes, num_levels, prefix), "VAE")
-    _assign_weights(vae, sd_keys.ldm_to_model(links, get, shapes, str(source), dtype), source, "VAE")
+    _assign_weights(vae, sd_keys.ldm_to_model(links, get, shapes, str(source), dtype, copy=copy), source, "VAE")
     return vae
 
 
@@ -295,7 +300,7 @@ def load_target_model(
                 unet = _unet_from_ldm(ldm, is_v2, dtype, unet_use_linear_projection)
                 text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype)
                 vae_model = None if vae is not None else _vae_from_shapes(
-                    ldm.shapes, ldm.get, sd_config.VAE_PREFIX, path, dtype
+                    ldm.shapes, ldm.get, sd_config.VAE_PREFIX, path, dtype, copy=ldm.mapped
                 )
             except UserError as err:
                 raise _with_path(err, path) from None
@@ -356,9 +361,9 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> Autoencode
     with LdmFile(path) as ldm:
         try:
             if f"{sd_config.VAE_PREFIX}encoder.conv_in.weight" in ldm:
-                vae = _vae_from_shapes(ldm.shapes, ldm.get, sd_config.VAE_PREFIX, path, dtype)
+                vae = _vae_from_shapes(ldm.shapes, ldm.get, sd_config.VAE_PREFIX, path, dtype, copy=ldm.mapped)
             elif "encoder.down.0.block.0.conv1.weight" in ldm:
-                vae = _vae_from_shapes(ldm.shapes, ldm.get, "", path, dtype)
+                vae = _vae_from_shapes(ldm.shapes, ldm.get, "", path, dtype, copy=ldm.mapped)
             elif "encoder.down_blocks.0.resnets.0.conv1.weight" in ldm:
                 vae = _vae_from_diffusers_layout(ldm, dtype)
             else:
@@ -381,7 +386,7 @@ def _vae_from_diffusers_layout(ldm: LdmFile, dtype: torch.dtype) -> AutoencoderK
         except KeyError:
             continue
     shapes = {k: ldm.shapes[src] for k, src in to_source.items()}
-    return _vae_from_shapes(shapes, lambda k: ldm.get(to_source[k]), "", ldm.path, dtype)
+    return _vae_from_shapes(shapes, lambda k: ldm.get(to_source[k]), "", ldm.path, dtype, copy=ldm.mapped)
 
 
 # ---------------------------------------------------------------- saving single files
@@ -433,8 +438,9 @@ def save_stable_diffusion_checkpoint(
                 logger.warning("%d written keys are not in the source checkpoint, e.g. %s", len(new_keys), new_keys[0])
             for key in source.keys():
                 if key not in ldm_sd:
-                    # clone: the source may be memory-mapped and may be the file being replaced
-                    ldm_sd[key] = source.get(key).clone()
+                    tensor = source.get(key)
+                    # a mapped source (zip .ckpt) may be the very file being replaced: own the memory
+                    ldm_sd[key] = tensor.clone() if source.mapped else tensor
             counters = _ckpt_counters(source.extras)
     elif vae is None:
         raise ValueError("save_stable_diffusion_checkpoint needs a VAE when there is no source checkpoint")
