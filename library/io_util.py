@@ -14,11 +14,11 @@ from typing import Iterator, Union
 PathLike = Union[str, os.PathLike]
 
 
-def _default_file_mode() -> int:
-    """The mode a plainly created file would get (mkstemp makes 0600 files)."""
+def _umask() -> int:
+    """The process umask (read by setting and restoring it; there is no plain getter)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 @contextlib.contextmanager
@@ -37,7 +37,7 @@ def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_file():
-            os.chmod(tmp, target.stat().st_mode & 0o777 if target.is_file() else _default_file_mode())
+            os.chmod(tmp, target.stat().st_mode & 0o777 if target.is_file() else 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -57,7 +57,7 @@ def atomic_dir(target: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         # mkdtemp makes 0700 folders; give the output the mode a plain mkdir would
-        os.chmod(tmp, _default_file_mode() | ((_default_file_mode() & 0o444) >> 2))
+        os.chmod(tmp, 0o777 & ~_umask())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,6 +1,8 @@
 """Atomic outputs: files and folders replace the old ones only when complete."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from library.io_util import atomic_dir, atomic_path, replace_dir, write_text_atomic
@@ -53,3 +55,16 @@ def test_replace_dir_swaps_in_a_finished_folder(tmp_path):
     fresh.mkdir()
     replace_dir(fresh, tmp_path / "other")  # no existing target
     assert _names(tmp_path) == ["other", "state"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+def test_outputs_get_the_modes_of_plainly_created_files(tmp_path) -> None:
+    plain_file, plain_dir = tmp_path / "plain.txt", tmp_path / "plain_dir"
+    plain_file.write_text("x", encoding="utf-8")
+    plain_dir.mkdir()
+    with atomic_path(tmp_path / "out.txt") as tmp:
+        tmp.write_text("x", encoding="utf-8")
+    with atomic_dir(tmp_path / "out_dir") as tmp:
+        (tmp / "a").write_text("x", encoding="utf-8")
+    assert (tmp_path / "out.txt").stat().st_mode == plain_file.stat().st_mode
+    assert (tmp_path / "out_dir").stat().st_mode == plain_dir.stat().st_mode
