@@ -404,15 +404,19 @@ def test_sample_images_missing_prompt_file(tmp_path, tiny_models_v1, tokenizer_v
 
 def test_mixed_dtypes(tokenizer_v1):
     unet, vae, text_encoder = build_tiny_models(v2=False, seed=0)
+    # guidance 2: on random weights cond and uncond predictions nearly cancel, and scale 7.5
+    # multiplies bf16 rounding of their difference until the picture depends on the library
+    # versions; guidance still runs at 2
+    guided = dict(scale=2.0)
     reference, other_seed = generate_images(
-        unet, vae, text_encoder, tokenizer_v1, [tiny(), tiny(seed=2)], show_progress=False
+        unet, vae, text_encoder, tokenizer_v1, [tiny(**guided), tiny(seed=2, **guided)], show_progress=False
     )
     # mixed-precision training: fp32 models sampled under bf16 autocast
-    (autocast,) = generate_images(unet, vae, text_encoder, tokenizer_v1, tiny(), dtype=torch.bfloat16,
+    (autocast,) = generate_images(unet, vae, text_encoder, tokenizer_v1, tiny(**guided), dtype=torch.bfloat16,
                                   show_progress=False)
     # full-bf16 UNet beside an fp32 text encoder and VAE: inputs follow each model's dtype
     unet.to(torch.bfloat16)
-    (half_unet,) = generate_images(unet, vae, text_encoder, tokenizer_v1, tiny(), show_progress=False)
+    (half_unet,) = generate_images(unet, vae, text_encoder, tokenizer_v1, tiny(**guided), show_progress=False)
     def correlation(a, b):
         return np.corrcoef(pixels(a).ravel(), pixels(b).ravel())[0, 1]
 
@@ -421,4 +425,4 @@ def test_mixed_dtypes(tokenizer_v1):
     unrelated = correlation(other_seed, reference)
     for image in (autocast, half_unet):
         assert image.size == (64, 64)
-        assert correlation(image, reference) > max(0.5, unrelated + 0.3)
+        assert correlation(image, reference) > max(0.9, unrelated + 0.3)
