@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from library import train_core, train_metadata, train_util
+from library import modelspec, train_core, train_metadata, train_util
 from library.cli import run_main
 from library.errors import UserError
 
@@ -164,6 +164,8 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
         metadata = train_metadata.metadata_for_save(
             self._base_metadata(ctx), global_step, epoch_no, no_metadata=bool(self.args.no_metadata)
         )
+        if not self.args.no_metadata:  # newer sd-scripts: modelspec.* beside the ss_* keys
+            metadata.update(modelspec.metadata_from_args(self.args, modelspec.LORA, ctx.training_started_at))
         self.network.save_weights(path, ctx.save_dtype, metadata if path.suffix == ".safetensors" else None)
 
 
@@ -213,6 +215,7 @@ def setup_parser() -> argparse.ArgumentParser:
     train_util.add_dataset_config_argument(parser)
     train_util.add_custom_train_arguments(parser)
     add_network_arguments(parser)
+    modelspec.add_metadata_arguments(parser)
     return parser
 
 

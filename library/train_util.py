@@ -70,7 +70,7 @@ _UNSUPPORTED_GROUPS: dict[str, tuple[str, ...]] = {
     "this resume / saving option is not implemented (use --save_state / --resume)": (
         "save_state_on_train_end", "skip_until_initial_step", "initial_epoch", "initial_step", "mem_eff_save",
     ),
-    "modelspec metadata is not written (M23 metadata only)": (
+    "this script writes no modelspec metadata (the trainers register these flags themselves)": (
         "metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
     ),
     "this tracker option is not supported": ("wandb_run_name", "log_tracker_config", "log_config"),
