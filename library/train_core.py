@@ -338,13 +338,17 @@ def _text_encode_fn(args: argparse.Namespace, ctx: TrainContext) -> Callable[[li
     tokenizer, text_encoder = ctx.models.tokenizer, ctx.models.text_encoder
     max_token_length, clip_skip = getattr(args, "max_token_length", None), getattr(args, "clip_skip", None)
     weighted = bool(getattr(args, "weighted_captions", False))
+    no_padding = bool(getattr(args, "no_token_padding", False))
 
     def encode(captions: list[str]) -> torch.Tensor:
         if weighted:
             return text_encoding.encode_weighted_captions(
                 tokenizer, text_encoder, captions, max_token_length, clip_skip, ctx.weight_dtype
             )
-        input_ids = text_encoding.tokenize_captions(tokenizer, captions, max_token_length)
+        if no_padding:  # --no_token_padding (train_db): ids padded to the batch's longest caption only
+            input_ids = text_encoding.tokenize_padded_to_longest(tokenizer, captions)
+        else:
+            input_ids = text_encoding.tokenize_captions(tokenizer, captions, max_token_length)
         return text_encoding.encode_input_ids(text_encoder, input_ids, tokenizer, max_token_length, clip_skip, ctx.weight_dtype)
 
     return encode
@@ -549,7 +553,9 @@ class _Runner:
     def _make_text_encoder(self) -> Callable[[list[str]], torch.Tensor]:
         args, ctx, method = self.args, self.ctx, self.method
         encode = _text_encode_fn(args, ctx)
-        if not method.train_text_encoder and ctx.dataset_group.captions_are_fixed():
+        # unpadded states differ in length per caption: they cannot be cached one caption at a time
+        fixed = ctx.dataset_group.captions_are_fixed() and not getattr(args, "no_token_padding", False)
+        if not method.train_text_encoder and fixed:
             logger.info("caching text encoder outputs per caption")
             return TextEmbeddingCache(encode, ctx.accelerator.device)
         return encode
