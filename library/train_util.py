@@ -758,3 +758,39 @@ def iter_flag_names(parser: argparse.ArgumentParser) -> Iterable[str]:
 
 
 # endregion
+
+
+# region names user scripts import from sd-scripts' train_util
+# They live in their own modules here; resolved on first use (no import cycles, no start-up cost).
+_REEXPORTS: dict[str, str] = {
+    **{name: "library.datasets" for name in (
+        "BaseDataset", "DreamBoothDataset", "FineTuningDataset", "DatasetGroup", "ImageInfo",
+        "BaseSubset", "DreamBoothSubset", "FineTuningSubset", "debug_dataset",
+    )},
+    "BucketManager": "library.buckets",
+    "make_bucket_resolutions": "library.buckets",
+    "load_tokenizer": "library.tokenizer_util",
+    "load_target_model": "library.model_util",
+    "get_optimizer": "library.optimizers",
+    "get_scheduler_fix": "library.optimizers",
+    "glob_images": "library.image_util",
+    "load_image": "library.image_util",
+    "IMAGE_EXTENSIONS": "library.image_util",
+    "sample_images": "library.sampling",
+    "add_config_arguments": "library.config_util",
+    "add_metadata_arguments": "library.modelspec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _REEXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+# endregion
