@@ -130,3 +130,13 @@ def test_bad_metadata_is_one_line(workspace, tmp_path, capsys, case, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1], err[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_every_flag_is_documented():
+    import re
+
+    names = ("fine_tune.md", "train_db.md", "training.md")  # fine_tune.md points to train_db.md for saving
+    text = "".join((REPO / "docs" / name).read_text(encoding="utf-8") for name in names)
+    documented = set(re.findall(r"--[a-z0-9_]+", text))
+    flags = {o for a in fine_tune.setup_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    assert not flags - documented, sorted(flags - documented)

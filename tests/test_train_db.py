@@ -183,3 +183,12 @@ def test_bad_input_is_one_line_and_keeps_outputs(workspace, tmp_path, capsys, ex
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1]
     assert (out / "db").read_text(encoding="utf-8") == "keep me"
+
+
+def test_every_flag_is_documented():
+    import re
+
+    text = "".join((REPO / "docs" / name).read_text(encoding="utf-8") for name in ("train_db.md", "training.md"))
+    documented = set(re.findall(r"--[a-z0-9_]+", text))
+    flags = {o for a in train_db.setup_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    assert not flags - documented, sorted(flags - documented)
