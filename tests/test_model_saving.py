@@ -151,3 +151,22 @@ def test_impossible_targets_are_refused_and_keep_what_is_there(tmp_path, tiny_mo
     with pytest.raises(UserError):
         model_saving.save_trained_model(models, existing, "diffusers")
     assert existing.read_text(encoding="utf-8") == "precious"
+
+
+def test_diffusers_v2_input_to_single_file(tmp_path, tiny_model_files_v2):
+    from diffusers import StableDiffusionPipeline
+
+    models = load_target_model(tiny_model_files_v2["diffusers"])
+    _train_a_little(models)
+    written = model_saving.save_trained_model(models, tmp_path / "v2", "safetensors")
+    with LdmFile(written) as saved:
+        assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in saved  # OpenCLIP layout
+    again = load_target_model(written)
+    assert again.v2
+    _assert_same(models.unet, again.unet)
+    _assert_same(models.text_encoder, again.text_encoder)
+    _assert_same(load_target_model(tiny_model_files_v2["diffusers"]).vae, again.vae)
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(written), config=str(tiny_model_files_v2["diffusers"]), local_files_only=True, safety_checker=None
+    )
+    _assert_same(models.unet, pipe.unet)

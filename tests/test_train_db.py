@@ -192,3 +192,16 @@ def test_every_flag_is_documented():
     documented = set(re.findall(r"--[a-z0-9_]+", text))
     flags = {o for a in train_db.setup_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
     assert not flags - documented, sorted(flags - documented)
+
+
+def test_sd_scripts_names_import_from_train_util():
+    from library import buckets, datasets, model_util, tokenizer_util
+    from library.train_util import (  # noqa: F401 - the import itself is what scripts written for sd-scripts do
+        BucketManager, DatasetGroup, DreamBoothDataset, FineTuningDataset, add_sd_models_arguments, load_tokenizer,
+    )
+
+    assert DreamBoothDataset is datasets.DreamBoothDataset and FineTuningDataset is datasets.FineTuningDataset
+    assert DatasetGroup is datasets.DatasetGroup and BucketManager is buckets.BucketManager
+    assert load_tokenizer is tokenizer_util.load_tokenizer and train_util.load_target_model is model_util.load_target_model
+    with pytest.raises(AttributeError):
+        train_util.NoSuchThing  # noqa: B018
