@@ -18,26 +18,15 @@ modelspec.* metadata) or a Diffusers folder. `--save_state` / `--resume` continu
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Optional, Sequence
 
-from library import full_model_training, train_core, train_util
+from library import full_model_training, train_core
 from library.cli import run_main
-
-logger = logging.getLogger(__name__)
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_util.add_sd_models_arguments(parser)
-    train_util.add_dataset_arguments(parser, True, False, True)
-    train_util.add_training_arguments(parser, True)
-    train_util.add_sd_saving_arguments(parser)
-    train_util.add_optimizer_arguments(parser)
-    train_util.add_dataset_config_argument(parser)
-    train_util.add_custom_train_arguments(parser)
-    full_model_training.add_full_model_arguments(parser)
+    parser = full_model_training.build_parser(__doc__, dreambooth=True)
     parser.add_argument(
         "--no_token_padding", action="store_true",
         help="do not pad captions to 75 tokens; pad to the longest caption of the batch (older DreamBooth behaviour)",
@@ -59,10 +48,7 @@ def train(args: argparse.Namespace, hooks: Optional[train_core.TrainHooks] = Non
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = train_util.parse_args_with_config(setup_parser(), argv)
-    result = train(args)
-    if result.final_model_path is not None:
-        logger.info("model saved: %s", result.final_model_path)
+    full_model_training.run_script(setup_parser(), make_method, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,37 @@ from library import model_saving, modelspec, train_core, train_saving
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+
+def build_parser(description: str, dreambooth: bool) -> argparse.ArgumentParser:
+    """The flags train_db.py (`dreambooth`) and fine_tune.py share, as sd-scripts groups them:
+    DreamBooth folders / reg images / prior loss, or metadata JSON / dataset repeats."""
+    from library import train_util
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_util.add_sd_models_arguments(parser)
+    train_util.add_dataset_arguments(parser, dreambooth, not dreambooth, True)
+    train_util.add_training_arguments(parser, dreambooth)
+    train_util.add_sd_saving_arguments(parser)
+    train_util.add_optimizer_arguments(parser)
+    train_util.add_dataset_config_argument(parser)
+    train_util.add_custom_train_arguments(parser)
+    add_full_model_arguments(parser)
+    return parser
+
+
+def run_script(
+    parser: argparse.ArgumentParser, make_method: Callable[[argparse.Namespace], train_core.TrainingMethod],
+    argv: Optional[Sequence[str]] = None,
+) -> train_core.TrainResult:
+    """A script's `main`: parse (with `--config_file`), train, report where the model went."""
+    from library import train_util
+
+    args = train_util.parse_args_with_config(parser, argv)
+    result = train_core.run_training(args, make_method(args))
+    if result.final_model_path is not None:
+        logger.info("model saved: %s", result.final_model_path)
+    return result
 
 
 def add_full_model_arguments(parser: argparse.ArgumentParser) -> None:
