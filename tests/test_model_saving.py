@@ -37,8 +37,10 @@ def _final_norm_bias(text_encoder: torch.nn.Module) -> str:
     return next(n for n, _ in text_encoder.named_parameters() if n.endswith("final_layer_norm.bias"))
 
 
-@pytest.mark.parametrize("v2", [False, True])
-@pytest.mark.parametrize("save_model_as", ["ckpt", "safetensors", "diffusers", "diffusers_safetensors"])
+@pytest.mark.parametrize(
+    ("save_model_as", "v2"),
+    [("ckpt", False), ("safetensors", True), ("diffusers", False), ("diffusers_safetensors", True), ("ckpt", True)],
+)
 def test_each_format_round_trips(save_model_as, v2, tmp_path, request):
     files = request.getfixturevalue(f"tiny_model_files_v{2 if v2 else 1}")
     models = load_target_model(files["safetensors"])

@@ -205,3 +205,21 @@ def test_sd_scripts_names_import_from_train_util():
     assert load_tokenizer is tokenizer_util.load_tokenizer and train_util.load_target_model is model_util.load_target_model
     with pytest.raises(AttributeError):
         train_util.NoSuchThing  # noqa: B018
+
+
+def test_no_token_padding_encodes_unpadded_captions(workspace, tmp_path):
+    lengths = {}
+
+    def probe(ctx):
+        encode = ctx.accelerator.unwrap_model(ctx.step_module)._encode_text
+        with torch.no_grad():
+            lengths["short"] = encode(["sks dog"]).shape[1]
+            lengths["pair"] = encode(["sks dog", "sks dog, red, sitting"]).shape[1]
+        lengths["ids"] = len(ctx.models.tokenizer("sks dog").input_ids)  # BOS sks dog EOS
+
+    # the text encoder is frozen (-1): unpadded states are then not cached per caption either
+    argv = db_argv(workspace, tmp_path / "out", "--no_token_padding", "--stop_text_encoder_training", "-1", "--max_train_steps", "2")
+    result = run(argv, train_core.TrainHooks(on_train_start=probe))
+    assert result.global_step == 2 and all(np.isfinite(result.step_losses))
+    assert lengths["short"] == lengths["ids"] < 77  # not padded to 77
+    assert lengths["pair"] > lengths["short"]  # padded to the batch's longest caption
