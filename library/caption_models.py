@@ -44,8 +44,9 @@ def load_blip(name: str, device: torch.device, flag: str = "--caption_weights") 
         )
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    processor = load_pretrained(BlipProcessor.from_pretrained, name, flag, "BLIP")
-    model = load_pretrained(BlipForConditionalGeneration.from_pretrained, name, flag, "BLIP")
+    processor, model = load_pretrained(
+        [BlipProcessor.from_pretrained, BlipForConditionalGeneration.from_pretrained], name, flag, "BLIP"
+    )
     return CaptionModel(model.to(device).eval(), processor, device)
 
 
@@ -84,8 +85,7 @@ def load_git(name: str, device: torch.device, flag: str = "--model_id") -> Capti
     """GIT captioning model and processor from a folder or hub id."""
     from transformers import AutoProcessor, GitForCausalLM
 
-    processor = load_pretrained(AutoProcessor.from_pretrained, name, flag, "GIT")
-    model = load_pretrained(GitForCausalLM.from_pretrained, name, flag, "GIT")
+    processor, model = load_pretrained([AutoProcessor.from_pretrained, GitForCausalLM.from_pretrained], name, flag, "GIT")
     return CaptionModel(model.to(device).eval(), processor, device)
 
 

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,9 +23,6 @@ from library.image_util import glob_images, glob_images_recursive, load_image
 from library.io_util import write_text_atomic
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
 
 # ---------------------------------------------------------------------------------------
 # images
@@ -169,19 +166,54 @@ def resolve_model_source(name: str, flag: str, what: str) -> str:
     return name
 
 
-def load_pretrained(loader: Callable[[str], T], name: str, flag: str, what: str) -> T:
-    """Call `loader(source)`; when a hub id is neither cached nor downloadable, one clear line."""
-    source = resolve_model_source(name, flag, what)
+HUB_CONFIG_PATTERNS = ["*.json", "*.txt", "*.model"]
+
+
+def fetch_hub_snapshot(
+    repo_id: str,
+    flag: str,
+    what: str,
+    allow_patterns: Sequence[str],
+    local_dir: Optional[Path] = None,
+) -> Path:
+    """Files of a hub repo from the local cache, or downloaded when the hub can be reached.
+
+    One listing request decides: offline, a missing cache fails in seconds with one line
+    naming the model and the flag that takes a local folder (instead of a retry per file).
+    """
+    from huggingface_hub import snapshot_download
+
     try:
-        return loader(source)
-    except (OSError, ValueError) as err:
-        if source != name or Path(source).exists():
-            raise UserError(f"{flag} {name}: cannot load the {what} model from this folder ({err})") from None
+        folder = snapshot_download(repo_id, allow_patterns=list(allow_patterns),
+                                   local_dir=str(local_dir) if local_dir is not None else None)
+    except Exception as err:  # noqa: BLE001 - hub errors have many types; all mean "not available"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"{what} model {name!r} is not on disk and cannot be downloaded (offline?); download it on a "
-            f"machine with internet (e.g. `huggingface-cli download {name} --local-dir <folder>`) and pass "
+            f"{what} model {repo_id!r} is not on disk and cannot be downloaded ({reason}); download it on a "
+            f"machine with internet (e.g. `huggingface-cli download {repo_id} --local-dir <folder>`) and pass "
             f"{flag} <folder>"
         ) from None
+    return Path(folder)
+
+
+def fetch_hub_model(repo_id: str, flag: str, what: str) -> Path:
+    """A transformers model repo: configs and safetensors weights (.bin only when there are none)."""
+    folder = fetch_hub_snapshot(repo_id, flag, what, HUB_CONFIG_PATTERNS + ["*.safetensors"])
+    if not any(folder.glob("*.safetensors")):
+        folder = fetch_hub_snapshot(repo_id, flag, what, HUB_CONFIG_PATTERNS + ["*.bin"])
+    return folder
+
+
+def load_pretrained(loaders: Sequence[Callable[[str], Any]], name: str, flag: str, what: str) -> list[Any]:
+    """Each `loader(folder)` on a local folder, or on the hub snapshot of a hub id (cached or fetched)."""
+    source = resolve_model_source(name, flag, what)
+    if source == name and not Path(name).exists():
+        source = str(fetch_hub_model(name, flag, what))
+    try:
+        return [loader(source) for loader in loaders]
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{flag} {name}: cannot load the {what} model from {source} ({reason})") from None
 
 
 def preferred_device() -> torch.device:
