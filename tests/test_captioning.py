@@ -166,3 +166,32 @@ def test_find_images_errors(tmp_path):
         find_images(tmp_path)
     assert find_images(tmp_path, recursive=True) == [tmp_path / "sub" / "img0.png"]
     assert np.asarray(Image.open(tmp_path / "sub" / "img0.png")).shape == (40, 48, 3)
+
+
+def test_docs_examples(tmp_path, monkeypatch, blip_dir, git_dir):
+    """The worked examples of docs/captioning.md, on tiny models at the paths the doc uses."""
+    import shutil
+
+    from finetune import tag_images_by_wd14_tagger
+    from tests.caption_fixtures import doc_commands, write_wd14_model
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "captioning.md"
+    commands = doc_commands(doc, "finetune/")
+    assert [c[0] for c in commands] == ["finetune/make_captions.py", "finetune/make_captions_by_git.py",
+                                        "finetune/tag_images_by_wd14_tagger.py"]
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(blip_dir, tmp_path / "models" / "blip-large")
+    shutil.copytree(git_dir, tmp_path / "models" / "git-large-textcaps")
+    write_wd14_model(tmp_path / "wd14_tagger_model" / "SmilingWolf_wd-v1-4-convnext-tagger-v2")
+    images = tmp_path / "train_images"
+    images.mkdir()
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(images / "red.png")
+    Image.new("RGB", (30, 20), (0, 0, 255)).save(images / "blue.png")
+    scripts = {"finetune/make_captions.py": make_captions, "finetune/make_captions_by_git.py": make_captions_by_git,
+               "finetune/tag_images_by_wd14_tagger.py": tag_images_by_wd14_tagger}
+    for script, *argv in commands:
+        scripts[script].main(argv)
+    for stem in ("red", "blue"):
+        assert read_caption(images / f"{stem}.caption") and read_caption(images / f"{stem}.git.txt") is not None
+    assert read_caption(images / "red.txt") == "explicit, long hair, ^_^, cat girl"
+    assert read_caption(images / "blue.txt") == "general, long hair, blue sky, ^_^, cat girl"

@@ -15,51 +15,10 @@ from finetune import tag_images_by_wd14_tagger as tagger  # noqa: E402
 from library import wd14_tagger as wd14  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
+from tests.caption_fixtures import SIZE, TAGS, write_wd14_model as write_model  # noqa: E402
 
-onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-
-SIZE = 16
-# (name, category, bias logit, weight on mean B, G, R in [0, 1])
-TAGS = [
-    ("general", 9, 0.847, (0, 0, 0)),          # p 0.70
-    ("explicit", 9, -1.386, (0, 0, 4.0)),      # red image: p 0.93 > 0.70
-    ("long_hair", 0, 2.197, (0, 0, 0)),        # p 0.90
-    ("blue_sky", 0, -3.0, (6.0, 0, 0)),        # blue image 0.95, red image 0.05
-    ("^_^", 0, 0.405, (0, 0, 0)),              # p 0.60
-    ("hatsune_miku", 4, 0.0, (0, 0, 0)),       # p 0.50
-    ("red_shirt", 0, -0.847, (0, 0, 0)),       # p 0.30
-    ("cat_girl", 4, 1.386, (0, 0, 0)),         # p 0.80
-]
-
-
-def write_model(folder: Path, tags=TAGS, csv_rows=None, size: int = SIZE) -> Path:
-    from onnx import TensorProto, helper, numpy_helper
-
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = np.array([t[3] for t in tags], dtype=np.float32).T / 255.0  # [3, T] on 0-255 means
-    bias = np.array([t[2] for t in tags], dtype=np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["input_1:0"], ["mean"], axes=[1, 2], keepdims=0),
-            helper.make_node("MatMul", ["mean", "W"], ["logits0"]),
-            helper.make_node("Add", ["logits0", "B"], ["logits"]),
-            helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
-        ],
-        "tiny_wd14",
-        [helper.make_tensor_value_info("input_1:0", TensorProto.FLOAT, ["N", size, size, 3])],
-        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, ["N", len(tags)])],
-        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(folder / "model.onnx"))
-    rows = csv_rows if csv_rows is not None else [(i, t[0], t[1]) for i, t in enumerate(tags)]
-    lines = ["tag_id,name,category,count"] + [f"{i},{name},{cat},100" for i, name, cat in rows]
-    (folder / "selected_tags.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
