@@ -20,6 +20,7 @@ from library import face_rotate as fr  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.image_util import face_info_from_stem  # noqa: E402
+from tests.caption_fixtures import doc_commands  # noqa: E402
 from tools import detect_face_rotate as tool  # noqa: E402
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -61,14 +62,17 @@ def test_rotation_is_recovered(photo, upright_angle, angle):
     assert abs((face.angle - upright_angle) + angle) <= 6
 
 
-def test_tool_rotates_and_crops(tmp_path, photo, upright_angle):
-    src = tmp_path / "src"
+def test_docs_example(tmp_path, photo, upright_angle, monkeypatch):
+    """docs/tools.md's command on the astronaut turned by 20 degrees (plus a faceless and a broken file)."""
+    (argv,) = doc_commands(Path(__file__).resolve().parent.parent / "docs" / "tools.md", "tools/detect_face_rotate.py")
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "photos"
     src.mkdir()
     Image.fromarray(turned(photo, 20)).save(src / "tilted.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(src / "noise.png")
     (src / "broken.jpg").write_bytes(b"not an image")
-    dst = tmp_path / "dst"
-    tool.main(["--src_dir", str(src), "--dst_dir", str(dst), "--rotate", "--crop_size", "96,112"])
+    tool.main(argv[1:])
+    dst = tmp_path / "faces"
     (out,) = list(dst.iterdir())
     cx, cy, fw, fh = face_info_from_stem(out.stem)
     assert out.name.startswith("tilted_") and out.suffix == ".png"

@@ -14,8 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune import hypernetwork_nai as hn  # noqa: E402
 from library.errors import UserError  # noqa: E402
+from library.tiny_sd import build_tiny_models  # noqa: E402
 from library.safe_unpickle import load_pickle_checkpoint  # noqa: E402
-from tests.train_helpers import base_argv, make_image_folder, make_tiny_model, run_train  # noqa: E402
+from tests.caption_fixtures import doc_commands  # noqa: E402
+from tests.train_helpers import make_image_folder, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture
@@ -137,15 +139,19 @@ def test_bad_files(tmp_path, unet):
         hn.read_hypernetwork_file(tmp_path / "evil.pt")
 
 
-def test_train_network_with_hypernetwork(tmp_path):
-    model = make_tiny_model(tmp_path / "model")
-    images = make_image_folder(tmp_path / "data", count=2, repeats=1)
-    out = tmp_path / "out"
-    result = run_train(base_argv(model, images, out, "--network_module", "finetune.hypernetwork_nai",
-                                 "--learning_rate", "1e-2", "--max_train_steps", "3", "--save_model_as", "pt",
-                                 "--network_train_unet_only"))
-    assert result.global_step == 3 and all(torch.isfinite(torch.tensor(result.step_losses)))
-    saved = out / "lora.pt"
-    weights = hn.read_hypernetwork_file(saved)
+def test_docs_example(tmp_path, monkeypatch):
+    """docs/tools.md's train_network.py command: trains, writes the NAI .pt layout, which loads back."""
+    import train_network
+
+    (argv,) = doc_commands(Path(__file__).resolve().parent.parent / "docs" / "tools.md", "train_network.py")
+    monkeypatch.chdir(tmp_path)
+    model = make_tiny_model(tmp_path / "models")
+    model.rename(tmp_path / "models" / "tiny_sd_v1.safetensors")
+    make_image_folder(tmp_path / "data", count=2, repeats=1)
+    train_network.main(argv[1:])
+    weights = hn.read_hypernetwork_file(tmp_path / "output" / "my_hypernetwork.pt")
     # trained away from the zero-bias initialisation
     assert any(pair[0]["linear.0.bias"].abs().max() > 0 for pair in weights.values())
+    unet = build_tiny_models(v2=False, seed=0)[0]
+    network, _ = hn.create_network_from_weights(1.0, str(tmp_path / "output" / "my_hypernetwork.pt"), None, None, unet)
+    assert network.sizes == sorted(weights) == hn.context_sizes(unet)

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from library import latent_upscaler as lu  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
+from tests.caption_fixtures import doc_commands  # noqa: E402
 from tools import latent_upscaler as tool  # noqa: E402
 
 
@@ -91,25 +92,29 @@ def test_bad_weights(tmp_path):
         lu.create_upscaler(weights=str(tmp_path / "cut.safetensors"))
 
 
-def test_tool_upscales_2x(tmp_path, tiny_model_files_v1):
+def test_docs_example(tmp_path, tiny_model_files_v1, monkeypatch):
+    """docs/tools.md's command, checked against the same steps done by hand."""
+    import shutil
+
     from library.model_util import load_vae
 
-    save_file(small_weights(), str(tmp_path / "up.safetensors"))
-    images = tmp_path / "imgs"
+    (argv,) = doc_commands(Path(__file__).resolve().parent.parent / "docs" / "tools.md", "tools/latent_upscaler.py")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_files_v1["diffusers"], tmp_path / "models" / "tiny_sd_v1")
+    save_file(small_weights(), str(tmp_path / "models" / "upscaler.safetensors"))
+    images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (20, 34, 3), dtype=np.uint8)).save(images / "a.png")  # cropped to 32x16
-    out = tmp_path / "out"
-    argv = ["--vae_path", str(tiny_model_files_v1["diffusers"]), "--weights", str(tmp_path / "up.safetensors"),
-            "--image_pattern", str(images / "*.png"), "--output_dir", str(out), "--debug", "--seed", "1"]
-    tool.main(argv)
+    tool.main(argv[1:] + ["--seed", "1"])
+    out = tmp_path / "upscaled"
     upscaled = Image.open(out / "a_upscaled.png")
     assert upscaled.size == (64, 32) and Image.open(out / "a_lanczos4.png").size == (64, 32)
     # the same numbers by hand: Lanczos 2x → VAE sample → upscaler → decode
     vae = load_vae(tiny_model_files_v1["diffusers"])
     model = lu.upscaler_from_weights(small_weights())
     low = Image.open(images / "a.png").convert("RGB").crop((0, 0, 32, 16))
-    pixels = torch.from_numpy(np.asarray(low.resize((64, 32), Image.LANCZOS))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    pixels = torch.from_numpy(np.array(low.resize((64, 32), Image.LANCZOS))).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(1))
         decoded = vae.decode(model(latents)).sample
