@@ -34,6 +34,7 @@ from library.errors import UserError  # noqa: E402
 from library.io_util import atomic_path  # noqa: E402
 from library.model_hash import precalculate_safetensors_hashes  # noqa: E402
 from library.safe_unpickle import load_pickle_checkpoint  # noqa: E402
+from networks.lora import LoRANetwork  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -125,18 +126,11 @@ class Hypernetwork(torch.nn.Module):
     def is_mergeable(self) -> bool:
         return False  # the MLPs are not linear maps of the weights: nothing to merge
 
-    # training hooks ------------------------------------------------------------------
-    def prepare_grad_etc(self, text_encoder: Any = None, unet: Any = None) -> None:
-        self.requires_grad_(True)
-
-    def on_epoch_start(self, text_encoder: Any = None, unet: Any = None) -> None:
-        self.train()
-
-    def get_trainable_params(self) -> Iterable[torch.nn.Parameter]:
-        return self.parameters()
-
-    def enable_gradient_checkpointing(self) -> None:
-        pass  # two small linear layers per projection: nothing worth recomputing
+    # training hooks: the same as a LoRA network's (sd-scripts' network module API)
+    prepare_grad_etc = LoRANetwork.prepare_grad_etc
+    on_epoch_start = LoRANetwork.on_epoch_start
+    get_trainable_params = LoRANetwork.get_trainable_params
+    enable_gradient_checkpointing = LoRANetwork.enable_gradient_checkpointing
 
     def prepare_optimizer_params(self, text_encoder_lr: Optional[float], unet_lr: Optional[float],
                                  default_lr: Optional[float]) -> list[dict[str, Any]]:

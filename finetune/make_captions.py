@@ -7,7 +7,6 @@ Writes `<image stem><caption_extension>` (default `.caption`) beside each image.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,16 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from library.caption_models import BLIP_DEFAULT_MODEL, blip_captions, load_blip  # noqa: E402
-from library.captioning import (  # noqa: E402
-    add_common_caption_arguments,
-    caption_extension_of,
-    caption_images,
-    find_images,
-    preferred_device,
-)
+from library.captioning import add_common_caption_arguments, caption_folder, preferred_device  # noqa: E402
 from library.cli import run_main  # noqa: E402
-
-logger = logging.getLogger(__name__)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -45,16 +36,14 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = setup_parser().parse_args(argv)
-    paths = find_images(args.train_data_dir, args.recursive)
-    torch.manual_seed(args.seed)
-    blip = load_blip(args.caption_weights, preferred_device())
-    logger.info("captioning %d images with BLIP %s", len(paths), args.caption_weights)
 
-    def describe(batch):
-        return blip_captions(blip, batch, args.beam_search, args.num_beams, args.top_p, args.max_length, args.min_length)
+    def make_describe():
+        torch.manual_seed(args.seed)
+        blip = load_blip(args.caption_weights, preferred_device())
+        return lambda batch: blip_captions(blip, batch, args.beam_search, args.num_beams, args.top_p,
+                                           args.max_length, args.min_length)
 
-    caption_images(paths, describe, caption_extension_of(args), args.batch_size, args.max_data_loader_n_workers,
-                   debug=args.debug)
+    caption_folder(args, make_describe)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Writes `<image stem><caption_extension>` (default `.caption`) beside each image.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,16 +14,8 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from library.caption_models import GIT_DEFAULT_MODEL, git_captions, load_git  # noqa: E402
-from library.captioning import (  # noqa: E402
-    add_common_caption_arguments,
-    caption_extension_of,
-    caption_images,
-    find_images,
-    preferred_device,
-)
+from library.captioning import add_common_caption_arguments, caption_folder, preferred_device  # noqa: E402
 from library.cli import run_main  # noqa: E402
-
-logger = logging.getLogger(__name__)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -40,15 +31,12 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = setup_parser().parse_args(argv)
-    paths = find_images(args.train_data_dir, args.recursive)
-    git = load_git(args.model_id, preferred_device())
-    logger.info("captioning %d images with GIT %s", len(paths), args.model_id)
 
-    def describe(batch):
-        return git_captions(git, batch, args.max_length, args.remove_words)
+    def make_describe():
+        git = load_git(args.model_id, preferred_device())
+        return lambda batch: git_captions(git, batch, args.max_length, args.remove_words)
 
-    caption_images(paths, describe, caption_extension_of(args), args.batch_size, args.max_data_loader_n_workers,
-                   debug=args.debug)
+    caption_folder(args, make_describe)
 
 
 if __name__ == "__main__":

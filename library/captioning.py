@@ -236,3 +236,17 @@ def add_common_caption_arguments(parser: argparse.ArgumentParser, caption_extens
 
 def caption_extension_of(args: argparse.Namespace) -> str:
     return args.caption_extention if getattr(args, "caption_extention", None) is not None else args.caption_extension
+
+
+def caption_folder(
+    args: argparse.Namespace,
+    make_describe: Callable[[], Callable[[list[LoadedImage]], list[str]]],
+    preprocess: Optional[Callable[[np.ndarray], Any]] = None,
+) -> dict[Path, str]:
+    """A captioner's main loop from its parsed common flags: the images are listed first (a
+    wrong folder fails before any model loads), then `make_describe()` loads the model."""
+    paths = find_images(args.train_data_dir, args.recursive)
+    describe = make_describe()
+    logger.info("captioning %d images", len(paths))
+    return caption_images(paths, describe, caption_extension_of(args), args.batch_size,
+                          args.max_data_loader_n_workers, preprocess, args.debug)
