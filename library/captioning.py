@@ -175,6 +175,7 @@ def fetch_hub_snapshot(
     what: str,
     allow_patterns: Sequence[str],
     local_dir: Optional[Path] = None,
+    force_download: bool = False,
 ) -> Path:
     """Files of a hub repo from the local cache, or downloaded when the hub can be reached.
 
@@ -184,7 +185,7 @@ def fetch_hub_snapshot(
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(repo_id, allow_patterns=list(allow_patterns),
+        folder = snapshot_download(repo_id, allow_patterns=list(allow_patterns), force_download=force_download,
                                    local_dir=str(local_dir) if local_dir is not None else None)
     except Exception as err:  # noqa: BLE001 - hub errors have many types; all mean "not available"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

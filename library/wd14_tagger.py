@@ -47,7 +47,8 @@ def ensure_model_files(model_dir: str | Path, repo_id: str, force_download: bool
     if complete and not force_download:
         return location
     logger.info("downloading WD14 tagger %s to %s", repo_id, location)
-    fetch_hub_snapshot(repo_id, "--model_dir", "WD14 tagger", [MODEL_FILE, TAGS_FILE], local_dir=location)
+    fetch_hub_snapshot(repo_id, "--model_dir", "WD14 tagger", [MODEL_FILE, TAGS_FILE], local_dir=location,
+                       force_download=force_download)
     for name in (MODEL_FILE, TAGS_FILE):
         if not (location / name).is_file():
             raise UserError(f"WD14 tagger {repo_id}: {name} is missing in {location}")

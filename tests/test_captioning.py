@@ -195,3 +195,25 @@ def test_docs_examples(tmp_path, monkeypatch, blip_dir, git_dir):
         assert read_caption(images / f"{stem}.caption") and read_caption(images / f"{stem}.git.txt") is not None
     assert read_caption(images / "red.txt") == "explicit, long hair, ^_^, cat girl"
     assert read_caption(images / "blue.txt") == "general, long hair, blue sky, ^_^, cat girl"
+
+
+def test_hub_id_from_the_cache_offline(tmp_path, git_dir, monkeypatch):
+    """A hub id already in the Hugging Face cache loads without the network."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny--git-test"
+    commit = "0" * 40
+    shutil.copytree(git_dir, repo / "snapshots" / commit, ignore=shutil.ignore_patterns("_tokenizer"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit, encoding="utf-8")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    write_images(tmp_path / "imgs", count=1)
+    make_captions_by_git.main([str(tmp_path / "imgs"), "--model_id", "tiny/git-test", "--max_length", "6"])
+    local = tmp_path / "local"
+    write_images(local, count=1)
+    make_captions_by_git.main([str(local), "--model_id", str(git_dir), "--max_length", "6"])
+    assert read_caption(tmp_path / "imgs" / "img0.caption") == read_caption(local / "img0.caption")
