@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -212,7 +213,10 @@ def read_hypernetwork_file(file: Any) -> dict[int, list[dict[str, torch.Tensor]]
     if not path.is_file():
         raise UserError(f"hypernetwork file not found: {path}")
     if path.suffix.lower() == ".safetensors":
-        return _from_flat(load_file(str(path)), path)
+        try:
+            return _from_flat(load_file(str(path)), path)
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read hypernetwork file {path}: {err}") from None
     data = load_pickle_checkpoint(path)
     if not isinstance(data, Mapping):
         raise UserError(f"hypernetwork {path}: expected a dict of context sizes, got {type(data).__name__}")

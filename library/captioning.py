@@ -169,6 +169,12 @@ def resolve_model_source(name: str, flag: str, what: str) -> str:
 HUB_CONFIG_PATTERNS = ["*.json", "*.txt", "*.model"]
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library messages can run to many lines)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def fetch_hub_snapshot(
     repo_id: str,
     flag: str,
@@ -188,7 +194,7 @@ def fetch_hub_snapshot(
         folder = snapshot_download(repo_id, allow_patterns=list(allow_patterns), force_download=force_download,
                                    local_dir=str(local_dir) if local_dir is not None else None)
     except Exception as err:  # noqa: BLE001 - hub errors have many types; all mean "not available"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise UserError(
             f"{what} model {repo_id!r} is not on disk and cannot be downloaded ({reason}); download it on a "
             f"machine with internet (e.g. `huggingface-cli download {repo_id} --local-dir <folder>`) and pass "
@@ -213,7 +219,7 @@ def load_pretrained(loaders: Sequence[Callable[[str], Any]], name: str, flag: st
     try:
         return [loader(source) for loader in loaders]
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise UserError(f"{flag} {name}: cannot load the {what} model from {source} ({reason})") from None
 
 

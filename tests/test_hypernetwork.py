@@ -126,6 +126,9 @@ def test_bad_files(tmp_path, unet):
     torch.save({4096: [{}, {}]}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="another model type"):
         hn.create_network_from_weights(1.0, str(tmp_path / "other.pt"), None, None, unet)
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(UserError, match="cannot read hypernetwork file"):
+        hn.read_hypernetwork_file(tmp_path / "garbage.safetensors")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "plain.pt")
     with pytest.raises(UserError, match="not a hypernetwork"):
         hn.read_hypernetwork_file(tmp_path / "plain.pt")

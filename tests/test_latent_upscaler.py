@@ -127,3 +127,11 @@ def test_tool_errors(tmp_path, capsys):
     assert "no images match" in capsys.readouterr().err
     assert run_main(tool.main, ["--weights", "y"]) == 1
     assert "--vae_path is required" in capsys.readouterr().err
+
+
+def test_truncated_safetensors_is_one_error(tmp_path):
+    save_file(small_weights(), str(tmp_path / "up.safetensors"))
+    data = (tmp_path / "up.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cannot read latent upscaler weights"):
+        lu.create_upscaler(weights=str(tmp_path / "cut.safetensors"))
