@@ -171,18 +171,18 @@ def _build(
 
 
 def _load_original(ldm: LdmFile, v2: bool, dtype: torch.dtype, base_unet: UNet2DConditionModel | None) -> ControlNetModel:
-    get = ldm.get
-    if DIFFERENCE_KEY in ldm:
-        if base_unet is None:
-            raise UserError("a 'Transfer Control' ControlNet (difference file) needs the base UNet")
-        base = _base_unet_original(base_unet)
+    if DIFFERENCE_KEY not in ldm:
+        return _build(ldm.shapes, ldm.get, ldm.path, v2, dtype, copy=ldm.mapped)
+    if base_unet is None:
+        raise UserError("a 'Transfer Control' ControlNet (difference file) needs the base UNet")
+    base = _base_unet_original(base_unet)
 
-        def get(key: str) -> torch.Tensor:  # noqa: F811 - the difference is added to the base weights
-            tensor = ldm.get(key)
-            return tensor + base[key].to(tensor.dtype) if key in base else tensor
+    def base_plus_difference(key: str) -> torch.Tensor:
+        tensor = ldm.get(key)
+        return tensor + base[key].to(tensor.device, tensor.dtype) if key in base else tensor
 
-        logger.info("ControlNet %s stores differences to the base UNet", ldm.path)
-    return _build(ldm.shapes, get, ldm.path, v2, dtype, copy=ldm.mapped)
+    logger.info("ControlNet %s stores differences to the base UNet", ldm.path)
+    return _build(ldm.shapes, base_plus_difference, ldm.path, v2, dtype, copy=ldm.mapped)
 
 
 def _base_unet_original(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:

@@ -198,6 +198,17 @@ def _sliced_downsample(down: nn.Module, x: torch.Tensor, num_slices: int) -> tor
     return out
 
 
+def _sliced_level(block: nn.Module, resamplers, resample, sample: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """One encoder / decoder level: its resnets, then its down- or upsampler."""
+    if getattr(block, "attentions", None):
+        raise _unsupported(f"attention in the {type(block).__name__} block")
+    for resnet in block.resnets:
+        sample = _sliced_resnet(resnet, sample, num_slices)
+    for resampler in resamplers or []:
+        sample = resample(resampler, sample, num_slices)
+    return sample
+
+
 @torch.no_grad()
 def decode_sliced(vae: AutoencoderKL, latents: torch.Tensor, num_slices: int) -> torch.Tensor:
     """`vae.decode(latents).sample`, computed in `num_slices` bands of rows (less peak memory)."""
@@ -207,12 +218,7 @@ def decode_sliced(vae: AutoencoderKL, latents: torch.Tensor, num_slices: int) ->
     sample = decoder.mid_block(sample, None)
     sample = sample.to(next(iter(decoder.up_blocks.parameters())).dtype)
     for block in decoder.up_blocks:
-        if getattr(block, "attentions", None):
-            raise _unsupported(f"attention in the {type(block).__name__} up block")
-        for resnet in block.resnets:
-            sample = _sliced_resnet(resnet, sample, num_slices)
-        for upsampler in block.upsamplers or []:
-            sample = _sliced_upsample(upsampler, sample, num_slices)
+        sample = _sliced_level(block, block.upsamplers, _sliced_upsample, sample, num_slices)
     return _sliced_norm_act_conv(sample, decoder.conv_norm_out, decoder.conv_act, decoder.conv_out, num_slices)
 
 
@@ -222,12 +228,7 @@ def encode_sliced(vae: AutoencoderKL, images: torch.Tensor, num_slices: int) -> 
     encoder = vae.encoder
     sample = _sliced_conv(images, encoder.conv_in, row_bands(images.shape[2], num_slices))
     for block in encoder.down_blocks:
-        if getattr(block, "attentions", None):
-            raise _unsupported(f"attention in the {type(block).__name__} down block")
-        for resnet in block.resnets:
-            sample = _sliced_resnet(resnet, sample, num_slices)
-        for downsampler in block.downsamplers or []:
-            sample = _sliced_downsample(downsampler, sample, num_slices)
+        sample = _sliced_level(block, block.downsamplers, _sliced_downsample, sample, num_slices)
     sample = encoder.mid_block(sample)
     sample = _sliced_norm_act_conv(sample, encoder.conv_norm_out, encoder.conv_act, encoder.conv_out, num_slices)
     if vae.quant_conv is not None:
