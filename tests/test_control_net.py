@@ -268,3 +268,25 @@ def test_guide_commands_run(tmp_path, monkeypatch):
 def test_guide_python_example_runs():
     (block,) = _guide_blocks("python")
     exec(compile(block, "docs/control_net.md", "exec"), {})
+
+
+def test_load_control_nets_and_make_units(control_net, tmp_path):
+    from library.control_net import load_control_nets, make_units
+
+    first = save_control_net(control_net, tmp_path / "a.safetensors")
+    second = save_control_net(control_net, tmp_path / "b", "diffusers")
+    specs = load_control_nets([first, second], preps=["canny_10_20"], weights=[0.5], ratios=[0.25, 0.75])
+    assert [(s.weight, s.ratio) for s in specs] == [(0.5, 0.25), (1.0, 0.75)]
+    assert specs[0].preprocessor is not None and specs[1].preprocessor is None
+    images = [np.full((32, 32, 3), v, np.uint8) for v in (0, 85, 170)]
+    images[0][8:24, 8:24] = 255
+    units = make_units(specs, images, 48, 40, batch_size=2)
+    assert [u.hint.shape for u in units] == [(2, 3, 40, 48)] * 2
+    # item b of ControlNet i uses image (b * 2 + i) % 3: net 0 -> images 0, 2; net 1 -> images 1, 0
+    torch.testing.assert_close(units[0].hint[1], prepare_hint(images[2], specs[0].preprocessor, 48, 40)[0])
+    torch.testing.assert_close(units[1].hint[0], torch.full((3, 40, 48), 85 / 255))
+    assert units[0].hint[0].max() == 1.0  # canny edges of the square
+    single = make_units(specs, images[:1], 48, 40, batch_size=4)
+    assert single[1].hint.shape == (1, 3, 40, 48)
+    with pytest.raises(UserError, match="guide_image_path"):
+        make_units(specs, [], 48, 40)

@@ -1,8 +1,8 @@
 """SD 1.x ControlNet loading (original `control_model.*` files and diffusers layouts), as a
 module and as a tool that converts between the layouts.
 
-As a module it offers what `gen_img_diffusers.py` uses: `load_control_net`, `save_control_net`,
-`ControlNetUnit`, `control_net_residuals` (library/control_net.py) and `get_preprocessor`,
+As a module it offers what `gen_img_diffusers.py` uses: `load_control_net(s)`, `save_control_net`,
+`ControlNetSpec`, `make_units`, `ControlNetUnit`, `control_net_residuals` (library/control_net.py) and `get_preprocessor`,
 `prepare_hint` (library/control_hint.py). As a tool it loads any supported ControlNet and
 writes it in the layout asked for, or (`--from_unet`) starts a new ControlNet from a
 Stable Diffusion model's UNet.
@@ -19,9 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from library.cli import run_main  # noqa: E402
 from library.control_hint import get_preprocessor, prepare_hint  # noqa: E402,F401 - re-exported
 from library.control_net import (  # noqa: E402,F401 - re-exported
+    ControlNetSpec,
     ControlNetUnit,
     control_net_residuals,
     load_control_net,
+    load_control_nets,
+    make_units,
     save_control_net,
 )
 from library.model_util import load_target_model, precision_to_dtype  # noqa: E402
