@@ -94,21 +94,40 @@ def _sliced_conv(
     conv: nn.Conv2d,
     bands: Bands,
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    add: Callable[[int, int], torch.Tensor] | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """conv(prepare(x)) band by band, where `prepare` is row-local (norm with global stats, activation)."""
+    """conv(prepare(x)) (+ add(start, end)) band by band; `prepare` must be row-local (norm with
+    global stats, activation).
+
+    `in_place` writes the result over `x` (same channel count): each band is stored one band
+    late, once the next band, the last reader of its rows as a halo, has been computed. The
+    caller must own `x`.
+    """
     halo = _check_same_conv(conv)
     height = x.shape[2]
-    out = None
+    in_place = in_place and conv.out_channels == x.shape[1] and min(e - s for s, e in bands) >= halo
+    out = x if in_place else None
+    pending: tuple[int, int, torch.Tensor] | None = None
     for start, end in bands:
         lo, hi = max(0, start - halo), min(height, end + halo)
         piece = x[:, :, lo:hi]
         if prepare is not None:
             piece = prepare(piece)
         result = conv(piece)[:, :, start - lo : start - lo + (end - start)]
+        if add is not None:
+            result = result + add(start, end)
         if out is None:
             out = result.new_empty((x.shape[0], result.shape[1], height, result.shape[3]))
-        out[:, :, start:end] = result
+        if in_place:
+            if pending is not None:
+                out[:, :, pending[0] : pending[1]] = pending[2]
+            pending = (start, end, result)
+        else:
+            out[:, :, start:end] = result
         del piece, result
+    if pending is not None:
+        out[:, :, pending[0] : pending[1]] = pending[2]
     return out
 
 
@@ -117,16 +136,23 @@ def _norm_act(norm: nn.GroupNorm, act: nn.Module, mean: torch.Tensor, rstd: torc
 
 
 def _sliced_norm_act_conv(
-    x: torch.Tensor, norm: nn.Module, act: nn.Module, conv: nn.Conv2d, num_slices: int
+    x: torch.Tensor,
+    norm: nn.Module,
+    act: nn.Module,
+    conv: nn.Conv2d,
+    num_slices: int,
+    add: Callable[[int, int], torch.Tensor] | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
     if not isinstance(norm, nn.GroupNorm):
         raise _unsupported(f"a {type(norm).__name__} normalisation")
     bands = row_bands(x.shape[2], num_slices)
     mean, rstd = _group_norm_stats(x, norm, bands)
-    return _sliced_conv(x, conv, bands, _norm_act(norm, act, mean, rstd))
+    return _sliced_conv(x, conv, bands, _norm_act(norm, act, mean, rstd), add, in_place)
 
 
 def _sliced_resnet(block: nn.Module, x: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """A ResnetBlock2D holding two full-size tensors at a time (its input and one activation)."""
     if (
         not isinstance(block, ResnetBlock2D)
         or block.upsample is not None
@@ -134,15 +160,16 @@ def _sliced_resnet(block: nn.Module, x: torch.Tensor, num_slices: int) -> torch.
         or block.time_emb_proj is not None
     ):
         raise _unsupported(f"a {type(block).__name__} block")
-    h = _sliced_norm_act_conv(x, block.norm1, block.nonlinearity, block.conv1, num_slices)
     if block.training and block.dropout.p > 0:
         raise _unsupported("dropout in training mode")
-    h = _sliced_norm_act_conv(h, block.norm2, block.nonlinearity, block.conv2, num_slices)
-    for start, end in row_bands(x.shape[2], num_slices):
-        shortcut = x[:, :, start:end]
-        if block.conv_shortcut is not None:
-            shortcut = block.conv_shortcut(shortcut)
-        h[:, :, start:end] += shortcut
+    h = _sliced_norm_act_conv(x, block.norm1, block.nonlinearity, block.conv1, num_slices)
+
+    def shortcut(start: int, end: int) -> torch.Tensor:
+        rows = x[:, :, start:end]
+        return block.conv_shortcut(rows) if block.conv_shortcut is not None else rows
+
+    # h is ours: the second convolution (plus the shortcut) overwrites it band by band
+    h = _sliced_norm_act_conv(h, block.norm2, block.nonlinearity, block.conv2, num_slices, shortcut, in_place=True)
     if block.output_scale_factor != 1.0:
         h /= block.output_scale_factor
     return h
