@@ -278,7 +278,8 @@ def add_tokens(tokenizer, text_encoder, tokens: Sequence[str], source: str) -> l
         raise UserError(f"{source}: the tokenizer did not add {list(tokens)} as new consecutive tokens (got ids {ids})")
     embedding = text_encoder.get_input_embeddings()
     if embedding.num_embeddings < len(tokenizer):
-        text_encoder.resize_token_embeddings(len(tokenizer))
+        # new rows start from the model's own init (mean_resizing would fit a dim x dim covariance)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return ids
 
 
