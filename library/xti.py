@@ -147,7 +147,8 @@ class XTITextEncoder(nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
         self.tokens, self.num_blocks = list(tokens), num_blocks
-        self.final_layer_norm = _FoldedLayerNorm(text_encoder.text_model.final_layer_norm, num_blocks)
+        text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 nests it, 5 does not
+        self.final_layer_norm = _FoldedLayerNorm(text_model.final_layer_norm, num_blocks)
 
     @property
     def config(self):
