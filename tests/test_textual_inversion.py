@@ -231,3 +231,34 @@ def test_resume_is_bit_identical(workspace, tmp_path):
     a = load_file(str(tmp_path / "full" / "emb.safetensors"))
     b = load_file(str(tmp_path / "run" / "emb.safetensors"))
     assert torch.equal(a["emb_params"], b["emb_params"])
+
+
+def test_guide_lists_every_flag():
+    import train_textual_inversion_XTI as txti
+
+    guide = (th.REPO_ROOT / "docs" / "train_textual_inversion.md").read_text(encoding="utf-8")
+    for parser in (tti.setup_parser(), txti.setup_parser()):
+        flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.option_strings[0] != "-h"]
+        missing = [f for f in flags if f"`{f}`" not in guide]
+        assert not missing, missing
+
+
+@pytest.mark.parametrize("script,config,output", [
+    ("ti", "ti_demo.toml", "myball.safetensors"), ("xti", "xti_demo.toml", "myball_xti.safetensors"),
+])
+def test_demo_configs_run(workspace, tmp_path, monkeypatch, script, config, output):
+    """The worked examples of docs/train_textual_inversion.md (one epoch instead of four)."""
+    import train_textual_inversion_XTI as txti
+
+    monkeypatch.chdir(th.REPO_ROOT)  # the demo paths are relative to the repository root
+    module = tti if script == "ti" else txti
+    out = tmp_path / "out"
+    argv = ["--config_file", f"examples/ti_demo/{config}", "--pretrained_model_name_or_path", str(workspace["model"]),
+            "--output_dir", str(out), "--max_train_epochs", "1", "--sample_every_n_epochs", "1", "--save_every_n_epochs", "1"]
+    assert run_main(module.main, argv) == 0
+    assert (out / output).is_file() and len(list((out / "sample").glob("*.png"))) == 2
+    if script == "ti":
+        assert embedding_files.read_embedding(out / output).vectors.shape == (2, 32)
+    else:
+        blocks, _ = embedding_files.read_xti_file(out / output)
+        assert len(blocks) == 10 and all(t.shape == (1, 32) for t in blocks.values())
