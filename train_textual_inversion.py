@@ -46,9 +46,11 @@ def train(args: argparse.Namespace, hooks: Optional[train_core.TrainHooks] = Non
     return train_core.run_training(args, textual_inversion.TextualInversionMethod(args), hooks)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = train_util.parse_args_with_config(setup_parser(), argv)
-    result = train(args)
+def main(argv: Optional[Sequence[str]] = None, xti_files: bool = False, parser: Optional[argparse.ArgumentParser] = None) -> None:
+    """The command line; `xti_files` runs the XTI trainer (train_textual_inversion_XTI.py passes its parser)."""
+    args = train_util.parse_args_with_config(parser or setup_parser(xti_files), argv)
+    method_class = textual_inversion.XTIMethod if xti_files else textual_inversion.TextualInversionMethod
+    result = train_core.run_training(args, method_class(args))
     if result.final_model_path is not None:
         logger.info("embedding saved: %s", result.final_model_path)
     if getattr(args, "sample_prompts", None) and getattr(args, "output_dir", None):

@@ -15,15 +15,13 @@ it are in docs/train_textual_inversion.md.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Optional, Sequence
 
-from library import textual_inversion, train_core, train_util
+from library import textual_inversion, train_core
 from library.cli import run_main
+from train_textual_inversion import main as ti_main
 from train_textual_inversion import setup_parser as ti_parser
-
-logger = logging.getLogger(__name__)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -38,10 +36,7 @@ def train(args: argparse.Namespace, hooks: Optional[train_core.TrainHooks] = Non
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = train_util.parse_args_with_config(setup_parser(), argv)
-    result = train(args)
-    if result.final_model_path is not None:
-        logger.info("XTI embedding saved: %s", result.final_model_path)
+    ti_main(argv, xti_files=True, parser=setup_parser())
 
 
 if __name__ == "__main__":

@@ -199,9 +199,12 @@ class TextualInversionMethod(train_core.TrainingMethod):
     def on_step_end(self, ctx: train_core.TrainContext) -> None:
         # the optimizer updated the whole matrix (weight decay, momentum): put the other rows back
         weight = ctx.models.text_encoder.get_input_embeddings().weight
+        if self._frozen_rows.device != weight.device or self._frozen_rows.dtype != weight.dtype:
+            # setup ran before the model moved to the accelerator (and before --full_fp16 casts): follow it once
+            self._frozen_index = self._frozen_index.to(weight.device)
+            self._frozen_rows = self._frozen_rows.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            index = self._frozen_index.to(weight.device)
-            weight.index_copy_(0, index, self._frozen_rows.to(device=weight.device, dtype=weight.dtype))
+            weight.index_copy_(0, self._frozen_index, self._frozen_rows)
 
     # saving ---------------------------------------------------------------------------------
     def model_extension(self, args: argparse.Namespace) -> str:

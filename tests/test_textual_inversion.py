@@ -2,7 +2,6 @@
 loss falls, the files load in diffusers, flags and errors behave as in sd-scripts."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 
@@ -41,23 +40,23 @@ def test_only_new_rows_change_and_loss_falls(workspace, tmp_path):
 
     def start(ctx):
         seen["before"] = tih.snapshot(ctx)
-        seen["loss_before"] = tih.fixed_loss(ctx, "a photo of mychar mychar1")
+        seen["loss_before"] = tih.fixed_loss(ctx)  # the batch's own captions: "a photo of mychar mychar1, ..."
         seen["plain_before"] = tih.fixed_loss(ctx, "a photo of a dog")
 
     def end(ctx):
         seen["after"] = tih.snapshot(ctx)
-        seen["loss_after"] = tih.fixed_loss(ctx, "a photo of mychar mychar1")
+        seen["loss_after"] = tih.fixed_loss(ctx)
         seen["plain_after"] = tih.fixed_loss(ctx, "a photo of a dog")
-        seen["ids"] = ctx.models.tokenizer.convert_tokens_to_ids(["mychar", "mychar1"])
+        seen["ids"] = ctx.models.tokenizer.convert_tokens_to_ids(["mychar", "mychar1", "mychar2", "mychar3"])
 
     argv = tih.ti_argv(
-        workspace["model"], workspace["img"], tmp_path / "out", "--num_vectors_per_token", "2",
-        "--max_train_steps", "12", "--learning_rate", "1e-1", "--save_model_as", "safetensors",
+        workspace["model"], workspace["img"], tmp_path / "out", "--num_vectors_per_token", "4",
+        "--max_train_steps", "20", "--learning_rate", "0.3", "--save_model_as", "safetensors",
     )
     result = run(argv, train_core.TrainHooks(on_train_start=start, on_train_end=end))
-    assert len(result.step_losses) == 12 and all(np.isfinite(result.step_losses))
-    # the random tiny U-Net barely listens to text: at fixed noise the loss still falls clearly
-    # (about 2 %), while a caption without the token gives exactly the loss it gave before
+    assert len(result.step_losses) == 20 and all(np.isfinite(result.step_losses))
+    # the random tiny U-Net barely listens to text, so at fixed noise and timesteps the loss falls
+    # by about 2 % (deterministic on CPU), while a caption without the token keeps its exact loss
     assert seen["loss_after"] < 0.99 * seen["loss_before"], (seen["loss_before"], seen["loss_after"])
     assert seen["plain_after"] == seen["plain_before"]
 
@@ -79,7 +78,7 @@ def test_only_new_rows_change_and_loss_falls(workspace, tmp_path):
     assert list(saved) == ["emb_params"] and torch.equal(saved["emb_params"], rows_after[ids])
     with safe_open(str(tmp_path / "out" / "emb.safetensors"), framework="pt") as handle:
         metadata = handle.metadata()
-    assert metadata["ss_token_string"] == "mychar" and metadata["ss_num_vectors_per_token"] == "2"
+    assert metadata["ss_token_string"] == "mychar" and metadata["ss_num_vectors_per_token"] == "4"
 
 
 def test_init_word_initialises_every_vector(workspace, tmp_path):

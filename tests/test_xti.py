@@ -129,25 +129,24 @@ def test_xti_training_end_to_end(workspace, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("mychar on grass --w 64 --h 64 --d 3 --s 3 --l 2\n", encoding="utf-8")
     seen = {}
-    caption = "a photo of mychar mychar1"
 
     def start(ctx):
         seen["before"] = tih.snapshot(ctx)
-        seen["loss_before"] = tih.fixed_loss(ctx, caption)
+        seen["loss_before"] = tih.fixed_loss(ctx)  # the batch's own captions
 
     def end(ctx):
         seen["after"] = tih.snapshot(ctx)
-        seen["loss_after"] = tih.fixed_loss(ctx, caption)
+        seen["loss_after"] = tih.fixed_loss(ctx)
         seen["trained"] = ctx.models.text_encoder.tokens[0]
 
     out = tmp_path / "out"
     argv = tih.ti_argv(
         workspace["model"], workspace["img"], out, "--num_vectors_per_token", "2", "--max_train_steps", "8",
-        "--learning_rate", "1e-1", "--sample_prompts", str(prompts), "--sample_every_n_steps", "8",
+        "--learning_rate", "0.3", "--sample_prompts", str(prompts), "--sample_every_n_steps", "8",
     )
     result = run(argv, train_core.TrainHooks(on_train_start=start, on_train_end=end))
     assert len(result.step_losses) == 8 and all(np.isfinite(result.step_losses))
-    assert seen["loss_after"] < 0.995 * seen["loss_before"], (seen["loss_before"], seen["loss_after"])
+    assert seen["loss_after"] < 0.98 * seen["loss_before"], (seen["loss_before"], seen["loss_after"])
 
     before, after = seen["before"], seen["after"]
     for key, value in before["unet"].items():

@@ -53,14 +53,16 @@ def snapshot(ctx: Any) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def fixed_loss(ctx: Any, caption: str, seeds: int = 6) -> float:
-    """Denoising loss of the first cached batch for one caption at fixed noise and timesteps."""
+def fixed_loss(ctx: Any, caption: str | None = None, seeds: int = 6) -> float:
+    """Denoising loss of the first cached batch at fixed noise and timesteps, with one caption
+    for every image or (None) the batch's own training captions."""
     from library import text_encoding
 
     batch = ctx.dataset_group[(0, 0)]
     latents = batch["latents"] * ctx.models.vae.config.scaling_factor
     te = ctx.models.text_encoder
-    ids = text_encoding.tokenize_captions(ctx.models.tokenizer, [caption] * latents.shape[0])
+    captions = list(batch["captions"]) if caption is None else [caption] * latents.shape[0]
+    ids = text_encoding.tokenize_captions(ctx.models.tokenizer, captions)
     states = text_encoding.encode_input_ids(te, ids, ctx.models.tokenizer, None, None)
     total = 0.0
     for seed in range(seeds):
