@@ -187,7 +187,7 @@ class TextualInversionMethod(train_core.TrainingMethod):
         self.token_ids = self._add_tokens(ctx)
         embedding = models.text_encoder.get_input_embeddings()
         embedding.requires_grad_(True)
-        logger.info("training tokens %s (ids %s)", self.new_token_strings()[: len(self.token_ids)], self.token_ids)
+        logger.info("training tokens %s (ids %s)", models.tokenizer.convert_ids_to_tokens(self.token_ids), self.token_ids)
         frozen = torch.ones(embedding.num_embeddings, dtype=torch.bool)
         frozen[self.token_ids] = False
         self._frozen_index = frozen.nonzero().squeeze(1).to(embedding.weight.device)

@@ -261,3 +261,28 @@ def test_demo_configs_run(workspace, tmp_path, monkeypatch, script, config, outp
     else:
         blocks, _ = embedding_files.read_xti_file(out / output)
         assert len(blocks) == 10 and all(t.shape == (1, 32) for t in blocks.values())
+
+
+def test_full_bf16_keeps_other_rows_and_saves_bf16(workspace, tmp_path):
+    """--full_bf16 casts the embedding matrix after setup: the restored rows follow that dtype."""
+    seen = {}
+
+    def start(ctx):
+        weight = ctx.models.text_encoder.get_input_embeddings().weight
+        seen["dtype"] = weight.dtype
+        seen["before"] = weight.detach().clone()
+        seen["ids"] = ctx.models.tokenizer.convert_tokens_to_ids(["mychar"])
+
+    def end(ctx):
+        seen["after"] = ctx.models.text_encoder.get_input_embeddings().weight.detach().clone()
+
+    argv = tih.ti_argv(workspace["model"], workspace["img"], tmp_path / "out", "--mixed_precision", "bf16", "--full_bf16",
+                       "--save_precision", "bf16", "--save_model_as", "safetensors", "--max_train_steps", "2")
+    run(argv, train_core.TrainHooks(on_train_start=start, on_train_end=end))
+    assert seen["dtype"] == torch.bfloat16
+    others = torch.ones(seen["before"].shape[0], dtype=torch.bool)
+    others[seen["ids"]] = False
+    assert torch.equal(seen["before"][others], seen["after"][others])
+    assert not torch.equal(seen["before"][seen["ids"]], seen["after"][seen["ids"]])
+    saved = load_file(str(tmp_path / "out" / "emb.safetensors"))["emb_params"]
+    assert saved.dtype == torch.bfloat16 and torch.equal(saved, seen["after"][seen["ids"]])
