@@ -286,3 +286,4 @@ def test_full_bf16_keeps_other_rows_and_saves_bf16(workspace, tmp_path):
     assert not torch.equal(seen["before"][seen["ids"]], seen["after"][seen["ids"]])
     saved = load_file(str(tmp_path / "out" / "emb.safetensors"))["emb_params"]
     assert saved.dtype == torch.bfloat16 and torch.equal(saved, seen["after"][seen["ids"]])
+
