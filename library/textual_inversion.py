@@ -63,6 +63,9 @@ def add_textual_inversion_arguments(parser: argparse.ArgumentParser, xti_files: 
     parser.add_argument("--init_word", type=str, default=None, help="initialise the vectors from this word's token embeddings")
     parser.add_argument("--use_object_template", action="store_true", help="ignore captions; use 'a photo of a {}'-style object templates")
     parser.add_argument("--use_style_template", action="store_true", help="ignore captions; use 'a painting in the style of {}'-style templates")
+    from library import modelspec
+
+    modelspec.add_metadata_arguments(parser)  # --metadata_title, --metadata_author, ... (modelspec.* keys)
     parser.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 with mixed precision (accepted; the VAE follows --mixed_precision)")
 
 
@@ -222,11 +225,13 @@ class TextualInversionMethod(train_core.TrainingMethod):
         )
 
     def metadata(self, ctx: train_core.TrainContext, global_step: int, epoch_no: int) -> dict[str, str]:
-        """safetensors metadata of a saved embedding."""
-        from library import train_metadata
+        """safetensors metadata of a saved embedding: `modelspec.*` (as newer sd-scripts) and a few `ss_*` keys."""
+        from library import modelspec, train_metadata
 
         args = self.args
+        spec = modelspec.metadata_from_args(args, modelspec.TEXTUAL_INVERSION, ctx.training_started_at)
         return {
+            **spec,
             "ss_token_string": args.token_string,
             "ss_num_vectors_per_token": str(args.num_vectors_per_token),
             "ss_base_model_version": train_metadata.base_model_version(bool(args.v2), bool(args.v_parameterization)),

@@ -52,6 +52,7 @@ def test_only_new_rows_change_and_loss_falls(workspace, tmp_path):
     argv = tih.ti_argv(
         workspace["model"], workspace["img"], tmp_path / "out", "--num_vectors_per_token", "4",
         "--max_train_steps", "20", "--learning_rate", "0.3", "--save_model_as", "safetensors",
+        "--metadata_author", "me",
     )
     result = run(argv, train_core.TrainHooks(on_train_start=start, on_train_end=end))
     assert len(result.step_losses) == 20 and all(np.isfinite(result.step_losses))
@@ -79,6 +80,9 @@ def test_only_new_rows_change_and_loss_falls(workspace, tmp_path):
     with safe_open(str(tmp_path / "out" / "emb.safetensors"), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["ss_token_string"] == "mychar" and metadata["ss_num_vectors_per_token"] == "4"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
+    assert metadata["modelspec.title"] == "emb" and metadata["modelspec.author"] == "me"
+    assert metadata["modelspec.resolution"] == "64x64" and metadata["modelspec.prediction_type"] == "epsilon"
 
 
 def test_init_word_initialises_every_vector(workspace, tmp_path):

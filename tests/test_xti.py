@@ -163,6 +163,8 @@ def test_xti_training_end_to_end(workspace, tmp_path):
     path = out / "emb.safetensors"
     saved = load_file(str(path))
     assert list(saved) == list(SD_XTI_BLOCKS) and all(t.shape == (2, 64) for t in saved.values())
+    _, metadata = embedding_files.read_xti_file(path)
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-512/textual-inversion"
     rows = after["text_encoder"][embedding_key]
     assert all(torch.equal(saved[b], rows[ids]) for b, ids in zip(SD_XTI_BLOCKS, seen["trained"].block_ids))
     assert not torch.equal(saved["IN01"], saved["OUT11"])  # blocks learn different vectors
