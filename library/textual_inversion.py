@@ -261,9 +261,6 @@ class XTIMethod(TextualInversionMethod):
     def verify_args(self, args: argparse.Namespace) -> None:
         args.save_model_as = args.save_model_as or "safetensors"
         super().verify_args(args)
-        for flag in ("weighted_captions",):
-            if getattr(args, flag, False):
-                raise UserError(f"--{flag} is not supported by the XTI trainer")
 
     def _initial_blocks(self, ctx: train_core.TrainContext) -> Optional[dict[str, torch.Tensor]]:
         args = self.args

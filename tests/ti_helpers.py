@@ -53,7 +53,7 @@ def snapshot(ctx: Any) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def fixed_loss(ctx: Any, caption: str | None = None, seeds: int = 6) -> float:
+def fixed_loss(ctx: Any, caption: str | None = None, seeds: int = 12) -> float:
     """Denoising loss of the first cached batch at fixed noise and timesteps, with one caption
     for every image or (None) the batch's own training captions."""
     from library import text_encoding
