@@ -6,7 +6,8 @@ storages, OrderedDict, builtin containers and numbers) this module allows the nu
 scalar/array reconstruction that some checkpoints contain, and maps every
 `pytorch_lightning.*` reference (real SD 1.x checkpoints use the `ModelCheckpoint` class
 as a dict key under `callbacks`) to an inert placeholder class, so such files load without
-pytorch-lightning installed. Any other global (`os.system`, `builtins.eval`, ...) makes the
+pytorch-lightning installed. `torch.nn.ParameterDict` / `ParameterList` (pickled whole by
+the original textual-inversion code) become an inert `ModuleState` holding their state. Any other global (`os.system`, `builtins.eval`, ...) makes the
 load fail with a `UserError` naming the file and the refused global.
 """
 from __future__ import annotations
@@ -73,6 +74,33 @@ def _numpy_globals() -> dict[str, Any]:
     return allowed
 
 
+class ModuleState:
+    """Inert stand-in for a pickled `torch.nn` container (the original textual-inversion code
+    saved `string_to_param` as an `nn.ParameterDict`): it keeps the pickled state, so
+    `placeholder._parameters` holds the tensors, and has no module behaviour at all."""
+
+    module_name = "torch.nn.Module"
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["state"] = state
+
+    def __repr__(self) -> str:
+        return f"<state of {self.module_name}>"
+
+
+# torch.nn containers that old embedding files pickle whole; only their state is kept
+MODULE_STATE_CLASSES = ("torch.nn.modules.container.ParameterDict", "torch.nn.modules.container.ParameterList")
+
+
+def _module_state_class(name: str) -> type:
+    if name not in _placeholders:
+        _placeholders[name] = type(name.rsplit(".", 1)[-1], (ModuleState,), {"module_name": name})
+    return _placeholders[name]
+
+
 _EXTRA_ALLOWED = _numpy_globals()
 
 
@@ -84,6 +112,8 @@ def _extra_globals_for(path: Path, names: list[str]) -> list[tuple[Any, str]]:
             entries.append((_placeholder_for(name), name))
         elif name in _EXTRA_ALLOWED:
             entries.append((_EXTRA_ALLOWED[name], name))
+        elif name in MODULE_STATE_CLASSES:
+            entries.append((_module_state_class(name), name))
         else:
             raise UserError(f"{path}: refusing to load: the pickle references '{name}', which is not allowed in a checkpoint")
     if any(name.startswith("numpy.") for name in names):
@@ -157,4 +187,7 @@ def _legacy_names(path: Path) -> list[str]:
                         names.append(f"{strings[-2]}.{strings[-1]}")
             except Exception:
                 break
-    return [n for n in dict.fromkeys(names) if n.startswith(LIGHTNING_PREFIXES) or n in _EXTRA_ALLOWED]
+    return [
+        n for n in dict.fromkeys(names)
+        if n.startswith(LIGHTNING_PREFIXES) or n in _EXTRA_ALLOWED or n in MODULE_STATE_CLASSES
+    ]

@@ -56,6 +56,10 @@ class TrainingMethod(abc.ABC):
     def verify_args(self, args: argparse.Namespace) -> None:
         """Raise `UserError` for flag combinations this method cannot run."""
 
+    def prepare_dataset(self, args: argparse.Namespace, dataset_group: Any) -> None:
+        """Called right after the dataset is built, before `--debug_dataset` shows it and before any
+        model loads (e.g. textual inversion registers its caption replacements here)."""
+
     def model_load_dtype(self, args: argparse.Namespace, weight_dtype: torch.dtype) -> torch.dtype:
         """dtype the base models are loaded in (frozen models can be loaded directly in weight_dtype)."""
         return torch.float32
@@ -444,6 +448,7 @@ class _Runner:
             save_dtype = torch.float16
         torch.manual_seed(args.seed)
         dataset_group = _build_dataset_group(args, method, accelerator)  # data errors before the slow model load
+        method.prepare_dataset(args, dataset_group)
         if len(dataset_group) == 0:
             raise UserError("no training images found: check --train_data_dir / --dataset_config")
         self.accelerator, self.weight_dtype, self.save_dtype = accelerator, weight_dtype, save_dtype

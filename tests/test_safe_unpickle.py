@@ -163,3 +163,14 @@ def test_sd_checkpoint_with_lightning_callback_loads_and_saves(tmp_path, lightni
     assert saved["epoch"] == 7 and saved["global_step"] == 470005
     assert set(saved["state_dict"]) == set(checkpoint["state_dict"])
     assert all(torch.equal(saved["state_dict"][k], v) for k, v in checkpoint["state_dict"].items())
+
+
+def test_parameter_dict_becomes_inert_module_state(tmp_path):
+    """nn.ParameterDict (old textual-inversion files) loads as its state only; no module code."""
+    from library.safe_unpickle import ModuleState
+
+    path = tmp_path / "pd.pt"
+    torch.save({"p": torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.ones(2, 3))})}, path)
+    value = load_pickle_checkpoint(path)["p"]
+    assert isinstance(value, ModuleState) and not isinstance(value, torch.nn.Module)
+    assert torch.equal(value._parameters["*"], torch.ones(2, 3))
