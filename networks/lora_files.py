@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.io_util import atomic_path
+from library.safetensors_header import read_metadata
 from library.model_hash import precalculate_safetensors_hashes
 from networks.lora import PathLike, load_lora_state_dict, weights_ranks_and_alphas
 from networks.lora_keys import LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_UNET
@@ -29,15 +29,10 @@ LORA_FILE_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 
 
 def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
-    """The `__metadata__` of a LoRA .safetensors file ({} when it has none or is not safetensors)."""
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
+    """The metadata of a LoRA .safetensors file as strings ({} for none or for .pt/.ckpt files)."""
+    if Path(path).suffix.lower() != ".safetensors":
         return {}
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"cannot read the metadata of {path}: {err}") from None
+    return {str(k): str(v) for k, v in read_metadata(path).items()}
 
 
 def require_lora_state_dict(
