@@ -2,16 +2,13 @@
 warning it emits (python warnings and the diffusers / peft / transformers loggers) is recorded."""
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from library.tokenizer_util import load_tokenizer
-from lora_helpers import te_output, unet_output
+from lora_helpers import te_output, tiny_pipeline, unet_output
 
 
 class _Collect(logging.Handler):
@@ -28,16 +25,7 @@ def diffusers_lora_outputs(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(UNet output, text-encoder output, warnings) of a diffusers pipeline with `lora_file` loaded
     by `load_lora_weights` (copies of the models; the fixed inputs of lora_helpers)."""
-    pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae),
-        text_encoder=copy.deepcopy(text_encoder),
-        tokenizer=load_tokenizer(v2),
-        unet=copy.deepcopy(unet),
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = tiny_pipeline(unet, vae, text_encoder, v2)
     handler = _Collect()
     loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
     for logger in loggers:

@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.cli import run_main
-from library.errors import UserError
 from library.model_util import LdmFile, load_target_model
 from library.tiny_sd import build_tiny_models, write_tiny_model
 from tools.merge_models import main
