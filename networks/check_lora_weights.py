@@ -37,13 +37,15 @@ def check(args: argparse.Namespace) -> None:
     """Print the report; UserError (exit status 1) when a module is broken."""
     logger.info("loading: %s", args.file)
     state_dict, _ = load_lora_file(args.file, sd_model_keys=False)
-    stats = all_tensor_stats(state_dict, args.show_all_keys)
-    print(f"number of LoRA modules: {sum(is_weight_key(item.key) for item in stats)}")
+    # every key is checked (a NaN alpha breaks a module too); -s only decides what is listed
+    every = all_tensor_stats(state_dict, show_all_keys=True)
+    listed = every if args.show_all_keys else [item for item in every if is_weight_key(item.key)]
+    print(f"number of LoRA modules: {sum(is_weight_key(item.key) for item in every)}")
     if args.show_all_keys:
-        print(f"number of all modules: {len(stats)}")
-    for item in stats:
+        print(f"number of all modules: {len(every)}")
+    for item in listed:
         print(item.csv_line())
-    broken = module_problems(all_tensor_stats(state_dict, show_all_keys=True))
+    broken = module_problems(every)
     num_modules = len({key.split(".", 1)[0] for key in state_dict})
     if not broken:
         print(f"all {num_modules} modules are finite and non-zero")
