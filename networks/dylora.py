@@ -250,3 +250,18 @@ def create_network_from_weights(
         )
 
     return build_network_from_weights(file, weights_sd, build)
+
+
+def dylora_rank_prefix(weights_sd: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The rank-`rank` LoRA inside DyLoRA weights: `lora_down[:rank]`, `lora_up[:, :rank]`, alpha kept.
+
+    Modules whose rank is not larger than `rank` are kept whole.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in weights_sd.items():
+        if key.endswith(".lora_down.weight"):
+            value = value[:rank]
+        elif key.endswith(".lora_up.weight"):
+            value = value[:, :rank]
+        out[key] = value.contiguous()
+    return out

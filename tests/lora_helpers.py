@@ -32,3 +32,23 @@ def randomize_up(network: torch.nn.Module, seed: int = 3, std: float = 0.2) -> N
         for name, param in network.named_parameters():
             if "lora_up" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def tiny_pipeline(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, v2: bool):
+    """A diffusers StableDiffusionPipeline of (copies of) the given models, no safety checker."""
+    import copy
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from library.tokenizer_util import load_tokenizer
+
+    return StableDiffusionPipeline(
+        vae=copy.deepcopy(vae),
+        text_encoder=copy.deepcopy(text_encoder),
+        tokenizer=load_tokenizer(v2),
+        unet=copy.deepcopy(unet),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

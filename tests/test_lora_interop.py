@@ -7,10 +7,8 @@ import copy
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from library.tokenizer_util import load_tokenizer
-from lora_helpers import randomize_up, te_output, unet_output
+from lora_helpers import randomize_up, te_output, tiny_pipeline, unet_output
 from networks import lora
 
 
@@ -31,16 +29,7 @@ def test_diffusers_load_lora_weights_matches_our_network(tiny_models_v1, tiny_mo
     network.save_weights(path, None, {"ss_network_module": "networks.lora"})
     network.apply_to(our_te, our_unet)
 
-    pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae),
-        text_encoder=copy.deepcopy(text_encoder),
-        tokenizer=load_tokenizer(v2),
-        unet=copy.deepcopy(unet),
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = tiny_pipeline(unet, vae, text_encoder, v2)
     pipe.load_lora_weights(str(path), adapter_name="ours")
 
     base_u, base_t = unet_output(unet), te_output(text_encoder)
