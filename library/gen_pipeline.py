@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from library.errors import UserError
 from library.lpw_stable_diffusion import get_weighted_text_embeddings
 from library.samplers import get_sampler
 
@@ -202,7 +203,10 @@ def generate_latents(
     parts = embeddings.shape[0] // count
 
     scheduler = get_sampler(settings.sampler, models.v_parameterization)
-    scheduler.set_timesteps(settings.steps, device=device)
+    try:
+        scheduler.set_timesteps(settings.steps, device=device)
+    except ValueError as err:  # e.g. pndm needs a few steps for its warm-up
+        raise UserError(f"sampler {settings.sampler} cannot run {settings.steps} steps ({err})") from None
     generators = _generators(seeds, device)
     factor = latent_scale_factor(models.vae)
     shape = (count, models.unet.config.in_channels, settings.height // factor, settings.width // factor)
@@ -220,7 +224,7 @@ def generate_latents(
     else:
         timesteps = _img2img_timesteps(scheduler, settings.steps, settings.strength)
         if len(timesteps) == 0:
-            raise ValueError(f"img2img strength {settings.strength} with {settings.steps} steps leaves no step to run")
+            raise UserError(f"img2img strength {settings.strength} with {settings.steps} steps leaves no step to run")
         noise = _noise(shape, generators, device)
         if masks is not None and settings.strength == 1.0:
             latents = noise * scheduler.init_noise_sigma  # diffusers' inpaint pipeline starts from pure noise
