@@ -29,6 +29,7 @@ from library.gen_jobs import (
     parse_line,
     read_prompt_file,
 )
+from library.gen_embeddings import PromptToken, expand_prompt, load_embeddings
 from library.gen_networks import LoadedNetwork, load_networks, set_multipliers
 from library.gen_pipeline import (
     BatchSettings,
@@ -57,6 +58,7 @@ class Generator:
     outdir: Path
     model_name: str | None = None
     model_hash: str | None = None
+    tokens: list[PromptToken] = field(default_factory=list)  # embedding tokens to expand in prompts
     sequence_number: int = 0
     batch_count: int = 0
     written: list[Path] = field(default_factory=list)
@@ -77,7 +79,8 @@ class Generator:
         if first.mask is not None:
             masks = torch.cat([mask_to_tensor(job.mask, width, height) for job in jobs])
         return generate_latents(
-            self.models, settings, [j.prompt for j in jobs], [j.negative_prompt for j in jobs],
+            self.models, settings, [expand_prompt(j.prompt, self.tokens) for j in jobs],
+            [expand_prompt(j.negative_prompt, self.tokens) for j in jobs],
             [j.seed for j in jobs], init_images=init_images, init_latents=init_latents, masks=masks,
             progress_desc=desc,
         )
@@ -208,7 +211,7 @@ def _set_attention(args: argparse.Namespace, unet) -> None:
 
 
 def _refuse_unavailable(args: argparse.Namespace) -> None:
-    for flag in ("textual_inversion_embeddings", "XTI_embeddings", "control_net_models", "vae_slices"):
+    for flag in ("control_net_models", "vae_slices"):
         if getattr(args, flag):
             raise UserError(f"--{flag} is not available in this version")
 
@@ -225,8 +228,9 @@ def load_generator(args: argparse.Namespace) -> Generator:
         model.eval().requires_grad_(False)
     _set_attention(args, loaded.unet)
     networks = load_networks(args, loaded.text_encoder, loaded.unet, loaded.vae, dtype, device)
+    text_encoder, tokens = load_embeddings(args, loaded.tokenizer, loaded.text_encoder, loaded.unet)
     models = GenModels(
-        loaded.unet, loaded.vae, loaded.text_encoder, loaded.tokenizer,
+        loaded.unet, loaded.vae, text_encoder, loaded.tokenizer,
         v_parameterization=args.v_parameterization, clip_skip=args.clip_skip,
         max_embeddings_multiples=args.max_embeddings_multiples or 1,
         vae_batch_size=gen_args.vae_batch_size(args),
@@ -236,7 +240,7 @@ def load_generator(args: argparse.Namespace) -> Generator:
     outdir.mkdir(parents=True, exist_ok=True)
     generator = Generator(
         args, models, networks, outdir, model_name=source.stem if source.is_file() else source.name,
-        model_hash=model_hash(source) if source.is_file() else None,
+        model_hash=model_hash(source) if source.is_file() else None, tokens=tokens,
     )
     if args.sequential_file_name:
         generator.sequence_number = _last_sequence_number(outdir)
