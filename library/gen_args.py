@@ -51,7 +51,9 @@ def setup_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--clip_image_guidance_scale", type=float, default=0.0, help="CLIP image guidance (not supported; 0)")
     prompts.add_argument("--vgg16_guidance_scale", type=float, default=0.0, help="VGG16 guidance (not supported; 0)")
     prompts.add_argument("--vgg16_guidance_layer", type=int, default=20, help="VGG16 guidance layer (unused)")
-    prompts.add_argument("--guide_image_path", type=str, default=None, nargs="*", help="guide images (not supported)")
+    prompts.add_argument(
+        "--guide_image_path", type=str, default=None, nargs="*", help="ControlNet hint images (files or folders)"
+    )
 
     batch = parser.add_argument_group("batch and seeds")
     batch.add_argument("--images_per_prompt", type=int, default=1, help="images per prompt line")
@@ -159,9 +161,12 @@ def verify_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("clip_guidance_scale", "clip_image_guidance_scale", "vgg16_guidance_scale"):
         if getattr(args, flag):
             raise UserError(f"--{flag} is not supported (CLIP / VGG16 guidance needs models that are not bundled)")
-    for flag in ("guide_image_path", "highres_fix_upscaler"):
-        if getattr(args, flag):
-            raise UserError(f"--{flag} is not supported")
+    if args.highres_fix_upscaler:
+        raise UserError("--highres_fix_upscaler is not supported (the 1st stage is upscaled with Lanczos or bilinear latents)")
+    if args.control_net_models and not args.guide_image_path:
+        raise UserError("--control_net_models needs --guide_image_path (the hint images)")
+    if args.guide_image_path and not args.control_net_models:
+        raise UserError("--guide_image_path is used for ControlNet hints only; give --control_net_models")
     if args.network_merge and args.network_pre_calc:
         raise UserError("--network_merge and --network_pre_calc exclude each other")
     if not (args.prompt or args.from_file or args.interactive):

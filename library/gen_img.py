@@ -29,6 +29,7 @@ from library.gen_jobs import (
     parse_line,
     read_prompt_file,
 )
+from library.gen_control import ControlNetSpec, control_kwargs_fn, load_control_nets
 from library.gen_embeddings import PromptToken, expand_prompt, load_embeddings
 from library.gen_networks import LoadedNetwork, load_networks, set_multipliers
 from library.gen_pipeline import (
@@ -43,9 +44,19 @@ from library.gen_pipeline import (
 from library.io_util import atomic_path
 from library.model_hash import model_hash
 from library.model_util import load_target_model
+from library.slicing_vae import set_vae_slices
 from library.png_info import ImageRecord, image_file_name, text_chunks
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageSources:
+    """Image files of --image_path, --mask_path and --guide_image_path (used in turn, job by job)."""
+
+    init: list[Path]
+    masks: list[Path]
+    guides: list[Path]
 
 
 @dataclass
@@ -59,6 +70,7 @@ class Generator:
     model_name: str | None = None
     model_hash: str | None = None
     tokens: list[PromptToken] = field(default_factory=list)  # embedding tokens to expand in prompts
+    control_nets: list[ControlNetSpec] = field(default_factory=list)
     sequence_number: int = 0
     batch_count: int = 0
     written: list[Path] = field(default_factory=list)
@@ -78,11 +90,12 @@ class Generator:
         masks = None
         if first.mask is not None:
             masks = torch.cat([mask_to_tensor(job.mask, width, height) for job in jobs])
+        guides = [job.guide_image for job in jobs] if first.guide_image is not None else None
         return generate_latents(
             self.models, settings, [expand_prompt(j.prompt, self.tokens) for j in jobs],
             [expand_prompt(j.negative_prompt, self.tokens) for j in jobs],
             [j.seed for j in jobs], init_images=init_images, init_latents=init_latents, masks=masks,
-            progress_desc=desc,
+            unet_kwargs_fn=control_kwargs_fn(self.control_nets, guides, width, height), progress_desc=desc,
         )
 
     def process_batch(self, jobs: Sequence[ImageJob]) -> list[Image.Image]:
@@ -171,14 +184,16 @@ class Generator:
             logger.info("saved %s", target)
 
     # -- prompt lines --------------------------------------------------------------------
-    def run_lines(self, lines: Iterable[str], seeds: SeedSource, defaults: JobDefaults, init_paths, mask_paths) -> None:
+    def run_lines(self, lines: Iterable[str], seeds: SeedSource, defaults: JobDefaults, sources: "ImageSources") -> None:
         """Generate the images of the given lines, batching across lines."""
         jobs: list[ImageJob] = []
         for line in lines:
             parsed = parse_line(line)
             if parsed is None:
                 continue
-            jobs.extend(jobs_for_line(parsed, defaults, seeds, init_paths, mask_paths, len(jobs)))
+            jobs.extend(
+                jobs_for_line(parsed, defaults, seeds, sources.init, sources.masks, len(jobs), sources.guides)
+            )
         for batch in batches(jobs, self.args.batch_size):
             self.process_batch(batch)
 
@@ -210,15 +225,8 @@ def _set_attention(args: argparse.Namespace, unet) -> None:
         unet.to(memory_format=torch.channels_last)
 
 
-def _refuse_unavailable(args: argparse.Namespace) -> None:
-    for flag in ("control_net_models", "vae_slices"):
-        if getattr(args, flag):
-            raise UserError(f"--{flag} is not available in this version")
-
-
 def load_generator(args: argparse.Namespace) -> Generator:
     """Load the model, its networks and embeddings as the flags say."""
-    _refuse_unavailable(args)
     dtype, device = _dtype(args), _device()
     loaded = load_target_model(
         args.ckpt, v2=args.v2 or None, v_parameterization=args.v_parameterization, vae=args.vae,
@@ -227,6 +235,8 @@ def load_generator(args: argparse.Namespace) -> Generator:
     for model in (loaded.unet, loaded.vae, loaded.text_encoder):
         model.eval().requires_grad_(False)
     _set_attention(args, loaded.unet)
+    set_vae_slices(loaded.vae, args.vae_slices)
+    control_nets = load_control_nets(args, loaded.unet, loaded.v2, dtype, device)
     networks = load_networks(args, loaded.text_encoder, loaded.unet, loaded.vae, dtype, device)
     text_encoder, tokens = load_embeddings(args, loaded.tokenizer, loaded.text_encoder, loaded.unet)
     models = GenModels(
@@ -241,6 +251,7 @@ def load_generator(args: argparse.Namespace) -> Generator:
     generator = Generator(
         args, models, networks, outdir, model_name=source.stem if source.is_file() else source.name,
         model_hash=model_hash(source) if source.is_file() else None, tokens=tokens,
+        control_nets=control_nets,
     )
     if args.sequential_file_name:
         generator.sequence_number = _last_sequence_number(outdir)
@@ -259,8 +270,11 @@ def _last_sequence_number(outdir: Path) -> int:
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None) -> list[Path]:
     """Generate everything `args` asks for; returns the written image paths."""
-    init_paths = image_sources(args.image_path, "--image_path")
-    mask_paths = image_sources(args.mask_path, "--mask_path")
+    sources = ImageSources(
+        image_sources(args.image_path, "--image_path"),
+        image_sources(args.mask_path, "--mask_path"),
+        [p for path in args.guide_image_path or [] for p in image_sources(path, "--guide_image_path")],
+    )
     lines: list[str] = []
     if args.from_file:
         lines = read_prompt_file(args.from_file)
@@ -275,17 +289,17 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None) -> list[Path]:
     if args.interactive and not lines:
         if stdin is None:
             raise UserError("--interactive needs a stdin stream")
-        _interactive(generator, stdin, seeds, defaults, init_paths, mask_paths)
+        _interactive(generator, stdin, seeds, defaults, sources)
     else:
         for iteration in range(args.n_iter):
             logger.info("iteration %d/%d", iteration + 1, args.n_iter)
             seeds.start_iteration()
-            generator.run_lines(lines, seeds, defaults, init_paths, mask_paths)
+            generator.run_lines(lines, seeds, defaults, sources)
     logger.info("wrote %d images to %s", len(generator.written), generator.outdir)
     return generator.written
 
 
-def _interactive(generator: Generator, stdin: TextIO, seeds: SeedSource, defaults: JobDefaults, init_paths, mask_paths) -> None:
+def _interactive(generator: Generator, stdin: TextIO, seeds: SeedSource, defaults: JobDefaults, sources: "ImageSources") -> None:
     """Read prompt lines until EOF; each line is generated (`--n_iter` times) before the next is read."""
     while True:
         print("Type prompt (end with Ctrl-D / EOF):", flush=True)
@@ -296,4 +310,4 @@ def _interactive(generator: Generator, stdin: TextIO, seeds: SeedSource, default
             continue
         for _ in range(generator.args.n_iter):
             seeds.start_iteration()
-            generator.run_lines([line], seeds, defaults, init_paths, mask_paths)
+            generator.run_lines([line], seeds, defaults, sources)

@@ -31,9 +31,9 @@ from library.samplers import get_sampler
 
 logger = logging.getLogger(__name__)
 
-# (model_input, timestep, embeddings, step_index) -> extra keyword arguments of the U-Net call
-# (ControlNet residuals); model_input is already scaled by the scheduler
-UNetKwargsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], dict]
+# (model_input, timestep, embeddings, step_index, num_steps) -> extra keyword arguments of the
+# U-Net call (ControlNet residuals); model_input is already scaled by the scheduler
+UNetKwargsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], dict]
 
 
 @dataclass
@@ -238,7 +238,9 @@ def generate_latents(
     for index, timestep in enumerate(tqdm(timesteps, desc=progress_desc, leave=False, disable=not show_progress)):
         model_input = torch.cat([latents] * parts) if parts > 1 else latents
         model_input = scheduler.scale_model_input(model_input, timestep)
-        extra = unet_kwargs_fn(model_input, timestep, embeddings, index) if unet_kwargs_fn is not None else {}
+        extra = {}
+        if unet_kwargs_fn is not None:
+            extra = unet_kwargs_fn(model_input, timestep, embeddings, index, len(timesteps))
         prediction = models.unet(
             model_input.to(unet_dtype), timestep, encoder_hidden_states=embeddings, **extra
         ).sample.float()
