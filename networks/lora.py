@@ -120,6 +120,8 @@ class BaseLoRAModule(torch.nn.Module):
         self._org_module = [org_module]
         self.org_forward = None
         self._org_had_instance_forward = False
+        # regional LoRA (library/regional_prompts.py): region(lora_name, output) -> weighted output
+        self.region: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None
 
     @property
     def org_module(self) -> torch.nn.Module:
@@ -224,7 +226,10 @@ class LoRAModule(BaseLoRAModule):
         org_out = self.org_forward(x, *args, **kwargs)
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return org_out
-        return org_out + self.lora_output(x).to(org_out.dtype)
+        out = self.lora_output(x)
+        if self.region is not None:
+            out = self.region(self.lora_name, out)
+        return org_out + out.to(org_out.dtype)
 
 
 class LoRANetwork(torch.nn.Module):
@@ -338,6 +343,16 @@ class LoRANetwork(torch.nn.Module):
         self.multiplier = multiplier
         for lora in self.text_encoder_loras + self.unet_loras:
             lora.multiplier = multiplier
+
+    def set_region(self, region: Optional[Callable[[str, torch.Tensor], torch.Tensor]]) -> None:
+        """Weight every U-Net module's output by `region(lora_name, output)` (regional LoRA); None clears.
+
+        Text-encoder modules are not affected. Only unmerged `LoRAModule`s support regions.
+        """
+        for lora in self.unet_loras:
+            if not isinstance(lora, LoRAModule):
+                raise UserError(f"regional LoRA: {type(lora).__name__} modules do not support regions")
+            lora.region = region
 
     def set_block_lr_weight(self, weights: Optional[BlockLrWeights]) -> None:
         self.block_lr_weights = weights
