@@ -140,8 +140,10 @@ def verify_args(args: argparse.Namespace) -> argparse.Namespace:
     """Checks that need no model; normalises sizes and the sampler name in place."""
     if not args.ckpt:
         raise UserError("--ckpt is required (a .safetensors / .ckpt file or a Diffusers folder)")
-    if args.mask_path is not None and args.image_path is None:
-        raise UserError("--mask_path needs --image_path (the image to inpaint)")
+    if args.mask_path is not None and args.image_path is None and not args.network_weights:
+        raise UserError(
+            "--mask_path needs --image_path (the image to inpaint), or --network_weights for regional LoRA (AND prompts)"
+        )
     args.sampler = check_sampler_name(args.sampler, "--sampler")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other")

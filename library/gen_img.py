@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from library import gen_args
+from library import gen_args, gen_regional
 from library.errors import UserError
 from library.gen_jobs import (
     ImageJob,
@@ -76,10 +76,11 @@ class Generator:
     written: list[Path] = field(default_factory=list)
 
     # -- one batch ---------------------------------------------------------------------
-    def _latents(
+    def batch_latents(
         self, jobs: Sequence[ImageJob], width: int, height: int, steps: int, strength: float,
-        init: Sequence[Image.Image] | None, init_latents: torch.Tensor | None, desc: str,
+        init: Sequence[Image.Image] | None = None, init_latents: torch.Tensor | None = None, desc: str = "sampling",
     ) -> torch.Tensor:
+        """Denoised latents of one batch at the given size / steps / strength (one stage)."""
         first = jobs[0]
         settings = BatchSettings(
             width, height, steps, first.scale, first.sampler, first.negative_scale, strength
@@ -87,16 +88,37 @@ class Generator:
         init_images = None
         if init is not None and init_latents is None:
             init_images = torch.cat([image_to_tensor(image, width, height) for image in init])
+        prompts = [expand_prompt(j.prompt, self.tokens) for j in jobs]
+        negative_prompts = [expand_prompt(j.negative_prompt, self.tokens) for j in jobs]
+        guides = [job.guide_image for job in jobs] if first.guide_image is not None else None
+        common = dict(
+            seeds=[j.seed for j in jobs], init_images=init_images, init_latents=init_latents,
+            unet_kwargs_fn=control_kwargs_fn(self.control_nets, guides, width, height), progress_desc=desc,
+        )
+        if first.mask is not None and self.args.image_path is None:  # --mask_path holds region masks
+            count = gen_regional.num_parts(first.prompt)
+            if count > 1:
+                return self._regional_latents(first, settings, prompts, negative_prompts, count, common)
+            return generate_latents(self.models, settings, prompts, negative_prompts, **common)
         masks = None
         if first.mask is not None:
             masks = torch.cat([mask_to_tensor(job.mask, width, height) for job in jobs])
-        guides = [job.guide_image for job in jobs] if first.guide_image is not None else None
-        return generate_latents(
-            self.models, settings, [expand_prompt(j.prompt, self.tokens) for j in jobs],
-            [expand_prompt(j.negative_prompt, self.tokens) for j in jobs],
-            [j.seed for j in jobs], init_images=init_images, init_latents=init_latents, masks=masks,
-            unet_kwargs_fn=control_kwargs_fn(self.control_nets, guides, width, height), progress_desc=desc,
-        )
+        return generate_latents(self.models, settings, prompts, negative_prompts, masks=masks, **common)
+
+    def _regional_latents(self, first: ImageJob, settings: BatchSettings, prompts, negative_prompts, count, common):
+        if settings.negative_scale is not None:
+            raise UserError("regional prompts (AND with --mask_path) do not support --negative_scale / --nl")
+        if any(n.merged or getattr(n.network, "_pre_calculated", False) for n in self.networks):
+            raise UserError("regional LoRA needs unmerged networks (drop --network_merge / --network_pre_calc)")
+        networks = [n.network for n in self.networks]
+        guided = settings.scale > 1.0
+        masks = gen_regional.latent_masks(self.models, first.mask, count, settings.width, settings.height)
+        embeddings = gen_regional.regional_embeddings(self.models, networks, prompts, negative_prompts, guided)
+        combine = gen_regional.guidance_fn(masks, len(prompts), guided, settings.scale)
+        with gen_regional.regions_active(networks, masks, count, len(prompts), guided):
+            return generate_latents(
+                self.models, settings, prompts, negative_prompts, embeddings=embeddings, guidance_fn=combine, **common
+            )
 
     def process_batch(self, jobs: Sequence[ImageJob]) -> list[Image.Image]:
         """Generate and save one batch; returns the final images."""
@@ -107,7 +129,7 @@ class Generator:
         init = [job.init_image for job in jobs] if first.init_image is not None else None
         strength = first.strength
         if self.args.highres_fix_scale is None:
-            latents = self._latents(jobs, first.width, first.height, first.steps, strength, init, None, desc)
+            latents = self.batch_latents(jobs, first.width, first.height, first.steps, strength, init, None, desc)
             images = decode_latents(self.models, latents)
             self._save(jobs, images, "", first.width, first.height, strength if init else None)
             return images
@@ -116,7 +138,7 @@ class Generator:
         scale = self.args.highres_fix_scale
         width_1st = max(8, int(first.width * scale + 0.5) // 8 * 8)
         height_1st = max(8, int(first.height * scale + 0.5) // 8 * 8)
-        latents = self._latents(
+        latents = self.batch_latents(
             jobs, width_1st, height_1st, self.args.highres_fix_steps, strength, init, None, f"{desc} (1st stage)"
         )
         images_1st = None
@@ -132,10 +154,10 @@ class Generator:
             upscaled = torch.nn.functional.interpolate(
                 latents, size=(first.height // factor, first.width // factor), mode="bilinear", align_corners=False
             )
-            latents = self._latents(jobs, first.width, first.height, first.steps, strength_2nd, [], upscaled, desc)
+            latents = self.batch_latents(jobs, first.width, first.height, first.steps, strength_2nd, [], upscaled, desc)
         else:
             upscaled_images = [image.resize((first.width, first.height), Image.LANCZOS) for image in images_1st]
-            latents = self._latents(
+            latents = self.batch_latents(
                 jobs, first.width, first.height, first.steps, strength_2nd, upscaled_images, None, f"{desc} (2nd stage)"
             )
         images = decode_latents(self.models, latents)

@@ -73,6 +73,7 @@ class ImageJob:
         return (
             self.width, self.height, self.steps, self.scale, self.sampler, self.negative_scale, self.strength,
             self.network_muls, self.init_image is not None, self.mask is not None, self.guide_image is not None,
+            self.prompt.count(" AND "),
         )
 
 
@@ -230,7 +231,7 @@ def jobs_for_line(
             path = init_images[index % len(init_images)]
             init_image, init_name = open_image(path, "RGB"), path.stem
         if masks:
-            mask = open_image(masks[index % len(masks)], "L")
+            mask = open_image(masks[index % len(masks)], "RGB")  # RGB: region masks use the channels
         guide = open_image(guides[index % len(guides)], "RGB") if guides else None
         width = line.width or defaults.width
         height = line.height or defaults.height

@@ -178,11 +178,13 @@ def generate_latents(
     prompts: Sequence[str],
     negative_prompts: Sequence[str],
     seeds: Sequence[int],
+    *,
     init_images: torch.Tensor | None = None,
     init_latents: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
     unet_kwargs_fn: UNetKwargsFn | None = None,
     embeddings: torch.Tensor | None = None,
+    guidance_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     show_progress: bool = True,
     progress_desc: str = "sampling",
 ) -> torch.Tensor:
@@ -190,7 +192,9 @@ def generate_latents(
 
     `init_images` `[B, 3, H, W]` in [-1, 1] (or ready `init_latents`, e.g. upscaled latents of a
     highres-fix first stage) make it img2img; `masks` `[B, 1, H, W]` (1 = repaint) inpainting.
-    `embeddings` replaces the prompt encoding (same layout as `encode_prompts`).
+    `embeddings` replaces the prompt encoding (same layout as `encode_prompts`), and
+    `guidance_fn` the split of the U-Net output into the guided prediction (regional prompts,
+    whose batch holds more parts; `library.gen_regional`).
     """
     device = models.device
     unet_dtype = model_dtype(models.unet)
@@ -244,7 +248,9 @@ def generate_latents(
         prediction = models.unet(
             model_input.to(unet_dtype), timestep, encoder_hidden_states=embeddings, **extra
         ).sample.float()
-        if parts == 2:
+        if guidance_fn is not None:
+            prediction = guidance_fn(prediction)
+        elif parts == 2:
             uncond, cond = prediction.chunk(2)
             prediction = uncond + settings.scale * (cond - uncond)
         elif parts == 3:
