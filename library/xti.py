@@ -165,8 +165,12 @@ class XTITextEncoder(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.text_encoder.get_input_embeddings()
 
-    def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
-        self.text_encoder.gradient_checkpointing_enable(*args, **kwargs)
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
+        inner = self.text_encoder
+        enable = getattr(inner, "activation_checkpointing_enable", None) or inner.gradient_checkpointing_enable
+        enable(*args, **kwargs)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
 
     def block_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`[num_blocks * N, L]`: the ids once per block, XTI tokens swapped for the block's rows."""

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import gen_img_diffusers
+from gen_helpers import one_line_error
 from library import gen_args, gen_img
-from library.cli import run_main
 from library.gen_jobs import JobDefaults, SeedSource, batches, jobs_for_line, parse_line
 from library.gen_pipeline import (
     BatchSettings,
@@ -323,11 +323,7 @@ def test_interactive_script_reads_stdin(tmp_path, tiny_model_files_v1):
 # bad input: one line, exit 1
 
 
-def error_of(capsys, argv) -> str:
-    assert run_main(gen_img_diffusers.main, argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+error_of = one_line_error
 
 
 def test_bad_inputs(tmp_path, capsys, tiny_model_files_v1):
@@ -348,6 +344,14 @@ def test_size_not_divisible_by_8_is_rounded(tmp_path, tiny_model_files_v1, caplo
     written = run_gen(tiny_model_files_v1["safetensors"], tmp_path, "--prompt", "a cat", "--W", "70", "--H", "60")
     assert Image.open(written[0]).size == (64, 56)
     assert "--W 70 is not divisible by 8; using 64" in caplog.text
+
+
+def test_v2_model_with_v_parameterization_and_clip_skip(tmp_path, tiny_model_files_v2):
+    model = tiny_model_files_v2["safetensors"]
+    eps = run_gen(model, tmp_path / "eps", "--prompt", "a cat --d 2")
+    vpred = run_gen(model, tmp_path / "v", "--prompt", "a cat --d 2", "--v2", "--v_parameterization", "--clip_skip", "2")
+    assert np.abs(as_float(Image.open(eps[0])) - as_float(Image.open(vpred[0]))).max() > 0
+    assert "Clip skip: 2" in Image.open(vpred[0]).text["parameters"]
 
 
 def test_every_sampler_name_runs(tmp_path, tiny_model_files_v1):

@@ -7,18 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import gen_img_diffusers
-from library.cli import run_main
+from gen_helpers import generate_pixels, one_line_error
 from library.control_net import save_control_net
 from test_control_net import make_tiny_control_net
 
 
-def generate(model: Path, outdir: Path, *extra: str, size: int = 64) -> np.ndarray:
-    argv = ["--ckpt", str(model), "--outdir", str(outdir), "--W", str(size), "--H", str(size), "--steps", "3",
-            "--seed", "5", "--prompt", "a cat", *extra]
-    (written,) = gen_img_diffusers.main(argv)
-    with Image.open(written) as image:
-        return np.asarray(image).astype(np.int16)
+generate = generate_pixels
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +53,7 @@ def test_control_net_flag_errors(tmp_path, capsys, tiny_model_files_v1, guide_im
         (["--control_net_models", str(tiny_model_files_v1["safetensors"]), "--guide_image_path", str(guide_image)],
          "not a ControlNet"),
     ):
-        assert run_main(gen_img_diffusers.main, base + extra) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and expected in err[0], err
+        assert expected in one_line_error(capsys, base + extra)
 
 
 def test_vae_slices_equal_plain_decode(tmp_path, tiny_model_files_v1):

@@ -7,19 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import gen_img_diffusers
+from gen_helpers import generate_pixels, one_line_error
 from library import embedding_files, xti
-from library.cli import run_main
 
 
 def generate(model: Path, outdir: Path, prompt: str, *extra: str) -> np.ndarray:
-    argv = ["--ckpt", str(model), "--outdir", str(outdir), "--W", "64", "--H", "64", "--steps", "3",
-            "--seed", "5", "--prompt", prompt, *extra]
-    (written,) = gen_img_diffusers.main(argv)
-    with Image.open(written) as image:
-        return np.asarray(image).astype(np.int16)
+    return generate_pixels(model, outdir, *extra, prompt=prompt)
 
 
 def random_vectors(tiny_models_v1, count: int, seed: int) -> torch.Tensor:
@@ -50,9 +44,7 @@ def test_corrupt_and_wrong_embeddings_are_one_line_errors(tmp_path, capsys, tiny
     base = ["--ckpt", str(tiny_model_files_v1["safetensors"]), "--outdir", str(tmp_path), "--prompt", "a",
             "--W", "64", "--H", "64", "--steps", "2"]
     for path in (corrupt, wrong_dim):
-        assert run_main(gen_img_diffusers.main, base + ["--textual_inversion_embeddings", str(path)]) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and path.name in err[0], err
+        assert path.name in one_line_error(capsys, base + ["--textual_inversion_embeddings", str(path)])
 
 
 def test_xti_embedding_changes_the_image(tmp_path, tiny_model_files_v1, tiny_models_v1):
@@ -65,5 +57,27 @@ def test_xti_embedding_changes_the_image(tmp_path, tiny_model_files_v1, tiny_mod
     # a prompt without the token gives every block the same states: the base image up to fp rounding
     assert np.abs(plain - base).max() <= 1
     with_token = generate(model, tmp_path / "xti", "a photo of xtichar", "--XTI_embeddings", str(path))
+    without = generate(model, tmp_path / "without", "a photo of")
+    assert np.abs(with_token - without).max() > 0
+
+
+def test_embedding_trained_by_train_textual_inversion(tmp_path, tiny_model_files_v1):
+    """The trainer's own output file (runs once train_textual_inversion.py is in the tree)."""
+    trainer = pytest.importorskip("train_textual_inversion")
+    from train_helpers import make_image_folder
+
+    model = tiny_model_files_v1["safetensors"]
+    images = make_image_folder(tmp_path / "data", count=2, repeats=1)
+    for caption in images.glob("*/*.txt"):
+        caption.write_text("a photo of mychar, " + caption.read_text(encoding="utf-8"), encoding="utf-8")
+    trainer.main([
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(images), "--caption_extension", ".txt",
+        "--resolution", "64", "--output_dir", str(tmp_path / "ti"), "--output_name", "mychar",
+        "--token_string", "mychar", "--init_word", "dog", "--learning_rate", "5e-2", "--optimizer_type", "AdamW",
+        "--train_batch_size", "2", "--max_train_steps", "3", "--seed", "42", "--max_data_loader_n_workers", "0",
+        "--save_model_as", "safetensors",
+    ])
+    embedding = tmp_path / "ti" / "mychar.safetensors"
+    with_token = generate(model, tmp_path / "with", "a photo of mychar", "--textual_inversion_embeddings", str(embedding))
     without = generate(model, tmp_path / "without", "a photo of")
     assert np.abs(with_token - without).max() > 0

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-import gen_img_diffusers
-from library.cli import run_main
+from gen_helpers import generate_pixels, one_line_error
 from lora_helpers import randomize_up
 from train_helpers import base_argv, make_image_folder, run_train
 
@@ -18,16 +16,7 @@ from train_helpers import base_argv, make_image_folder, run_train
 MERGE_TOLERANCE = 1
 
 
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image).astype(np.int16)
-
-
-def generate(model: Path, outdir: Path, *extra: str, prompt: str = "a cat") -> np.ndarray:
-    argv = ["--ckpt", str(model), "--outdir", str(outdir), "--W", "64", "--H", "64", "--steps", "3",
-            "--seed", "5", "--prompt", prompt, *extra]
-    (written,) = gen_img_diffusers.main(argv)
-    return pixels(written)
+generate = generate_pixels
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +85,7 @@ def test_two_networks_and_show_meta(tmp_path, tiny_model_files_v1, trained_lora,
     assert np.abs(both - single).max() > 0
 
 
-def error_of(capsys, argv) -> str:
-    assert run_main(gen_img_diffusers.main, argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+error_of = one_line_error
 
 
 def test_wrong_networks_are_one_line_errors(tmp_path, capsys, tiny_model_files_v1, tiny_models_v2):
