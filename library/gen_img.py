@@ -15,7 +15,6 @@ from typing import Any, Iterable, Sequence, TextIO
 
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from library import gen_args, gen_regional
 from library.errors import UserError
@@ -41,11 +40,11 @@ from library.gen_pipeline import (
     latent_scale_factor,
     mask_to_tensor,
 )
-from library.io_util import atomic_path
 from library.model_hash import model_hash
 from library.model_util import load_target_model
 from library.slicing_vae import set_vae_slices
 from library.png_info import ImageRecord, image_file_name, text_chunks
+from library.sampling import save_png
 
 logger = logging.getLogger(__name__)
 
@@ -195,13 +194,9 @@ class Generator:
     ) -> None:
         timestamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
         for position, (job, image) in enumerate(zip(jobs, images)):
-            record = self._record(job, width, height, strength)
-            info = PngInfo()
-            for key, value in text_chunks(record).items():
-                info.add_text(key, value)
+            image.info = text_chunks(self._record(job, width, height, strength))
             target = self._target(job, position, stage, timestamp)
-            with atomic_path(target) as tmp:
-                image.save(tmp, format="PNG", pnginfo=info)
+            save_png(image, target)
             self.written.append(target)
             logger.info("saved %s", target)
 
