@@ -21,14 +21,17 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from accelerate import init_empty_weights
 from diffusers import ControlNetModel, UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import save_file
 
 from library import sd_config, sd_keys
+from library.control_hint import get_preprocessor, prepare_hint
 from library.errors import UserError
 from library.io_util import atomic_dir, atomic_path
 from library.model_util import LdmFile, _assign_weights, _finish, _with_path
@@ -171,18 +174,18 @@ def _build(
 
 
 def _load_original(ldm: LdmFile, v2: bool, dtype: torch.dtype, base_unet: UNet2DConditionModel | None) -> ControlNetModel:
-    get = ldm.get
-    if DIFFERENCE_KEY in ldm:
-        if base_unet is None:
-            raise UserError("a 'Transfer Control' ControlNet (difference file) needs the base UNet")
-        base = _base_unet_original(base_unet)
+    if DIFFERENCE_KEY not in ldm:
+        return _build(ldm.shapes, ldm.get, ldm.path, v2, dtype, copy=ldm.mapped)
+    if base_unet is None:
+        raise UserError("a 'Transfer Control' ControlNet (difference file) needs the base UNet")
+    base = _base_unet_original(base_unet)
 
-        def get(key: str) -> torch.Tensor:  # noqa: F811 - the difference is added to the base weights
-            tensor = ldm.get(key)
-            return tensor + base[key].to(tensor.dtype) if key in base else tensor
+    def base_plus_difference(key: str) -> torch.Tensor:
+        tensor = ldm.get(key)
+        return tensor + base[key].to(tensor.device, tensor.dtype) if key in base else tensor
 
-        logger.info("ControlNet %s stores differences to the base UNet", ldm.path)
-    return _build(ldm.shapes, get, ldm.path, v2, dtype, copy=ldm.mapped)
+    logger.info("ControlNet %s stores differences to the base UNet", ldm.path)
+    return _build(ldm.shapes, base_plus_difference, ldm.path, v2, dtype, copy=ldm.mapped)
 
 
 def _base_unet_original(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
@@ -262,6 +265,70 @@ class ControlNetUnit:
     hint: torch.Tensor
     weight: float = 1.0
     ratio: float = 1.0
+
+
+@dataclass
+class ControlNetSpec:
+    """A loaded `--control_net_models` entry with its preprocessor, weight and ratio (no hint yet)."""
+
+    model: ControlNetModel
+    preprocessor: Callable[[np.ndarray], np.ndarray] | None = None
+    weight: float = 1.0
+    ratio: float = 1.0
+
+
+def _nth(values: Sequence[Any] | None, index: int, default: Any) -> Any:
+    return values[index] if values and index < len(values) else default
+
+
+def load_control_nets(
+    models: Sequence[str | Path],
+    preps: Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+    ratios: Sequence[float] | None = None,
+    v2: bool = False,
+    base_unet: UNet2DConditionModel | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> list[ControlNetSpec]:
+    """The `--control_net_models / _preps / _weights / _ratios` lists, position by position.
+
+    As sd-scripts, a missing entry means no preprocessor, weight 1.0, ratio 1.0.
+    """
+    specs = []
+    for i, path in enumerate(models):
+        specs.append(
+            ControlNetSpec(
+                model=load_control_net(path, v2=v2, dtype=dtype, device=device, base_unet=base_unet),
+                preprocessor=get_preprocessor(_nth(preps, i, None)),
+                weight=float(_nth(weights, i, 1.0)),
+                ratio=float(_nth(ratios, i, 1.0)),
+            )
+        )
+    return specs
+
+
+def make_units(
+    specs: Sequence[ControlNetSpec],
+    guide_images: Sequence[np.ndarray | Image.Image],
+    width: int,
+    height: int,
+    batch_size: int = 1,
+) -> list[ControlNetUnit]:
+    """Hints for one batch (`--guide_image_path` images, resized to `width` × `height`).
+
+    One guide image serves every ControlNet and every batch item; with several, batch item
+    `b` of ControlNet `i` uses image `(b * len(specs) + i) % len(guide_images)` (sd-scripts'
+    order: item 1's hint for each ControlNet, then item 2's, ...).
+    """
+    if specs and not guide_images:
+        raise UserError("ControlNet needs a hint image (--guide_image_path)")
+    units = []
+    for i, spec in enumerate(specs):
+        indices = [0] if len(guide_images) == 1 else [(b * len(specs) + i) % len(guide_images) for b in range(batch_size)]
+        hint = torch.cat([prepare_hint(guide_images[j], spec.preprocessor, width, height) for j in indices])
+        units.append(ControlNetUnit(spec.model, hint, spec.weight, spec.ratio))
+    return units
 
 
 def active_unit(units: Sequence[ControlNetUnit], step: int, num_steps: int) -> ControlNetUnit | None:

@@ -194,7 +194,8 @@ def combine_noise_predictions(part_predictions: torch.Tensor, masks: torch.Tenso
 
 @contextlib.contextmanager
 def text_encoder_for_part(networks: Sequence[object], part: int) -> Iterator[None]:
-    """While encoding sub-prompt `part`, only network `part`'s text-encoder modules are active."""
+    """While encoding sub-prompt `part`, only network `part`'s text-encoder modules are active
+    (a `part` that names no network, e.g. `len(networks)` for the negative prompt, turns them all off)."""
     saved = []
     try:
         for i, network in enumerate(networks):

@@ -94,21 +94,40 @@ def _sliced_conv(
     conv: nn.Conv2d,
     bands: Bands,
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    add: Callable[[int, int], torch.Tensor] | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """conv(prepare(x)) band by band, where `prepare` is row-local (norm with global stats, activation)."""
+    """conv(prepare(x)) (+ add(start, end)) band by band; `prepare` must be row-local (norm with
+    global stats, activation).
+
+    `in_place` writes the result over `x` (same channel count): each band is stored one band
+    late, once the next band, the last reader of its rows as a halo, has been computed. The
+    caller must own `x`.
+    """
     halo = _check_same_conv(conv)
     height = x.shape[2]
-    out = None
+    in_place = in_place and conv.out_channels == x.shape[1] and min(e - s for s, e in bands) >= halo
+    out = x if in_place else None
+    pending: tuple[int, int, torch.Tensor] | None = None
     for start, end in bands:
         lo, hi = max(0, start - halo), min(height, end + halo)
         piece = x[:, :, lo:hi]
         if prepare is not None:
             piece = prepare(piece)
         result = conv(piece)[:, :, start - lo : start - lo + (end - start)]
+        if add is not None:
+            result = result + add(start, end)
         if out is None:
             out = result.new_empty((x.shape[0], result.shape[1], height, result.shape[3]))
-        out[:, :, start:end] = result
+        if in_place:
+            if pending is not None:
+                out[:, :, pending[0] : pending[1]] = pending[2]
+            pending = (start, end, result)
+        else:
+            out[:, :, start:end] = result
         del piece, result
+    if pending is not None:
+        out[:, :, pending[0] : pending[1]] = pending[2]
     return out
 
 
@@ -117,16 +136,23 @@ def _norm_act(norm: nn.GroupNorm, act: nn.Module, mean: torch.Tensor, rstd: torc
 
 
 def _sliced_norm_act_conv(
-    x: torch.Tensor, norm: nn.Module, act: nn.Module, conv: nn.Conv2d, num_slices: int
+    x: torch.Tensor,
+    norm: nn.Module,
+    act: nn.Module,
+    conv: nn.Conv2d,
+    num_slices: int,
+    add: Callable[[int, int], torch.Tensor] | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
     if not isinstance(norm, nn.GroupNorm):
         raise _unsupported(f"a {type(norm).__name__} normalisation")
     bands = row_bands(x.shape[2], num_slices)
     mean, rstd = _group_norm_stats(x, norm, bands)
-    return _sliced_conv(x, conv, bands, _norm_act(norm, act, mean, rstd))
+    return _sliced_conv(x, conv, bands, _norm_act(norm, act, mean, rstd), add, in_place)
 
 
 def _sliced_resnet(block: nn.Module, x: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """A ResnetBlock2D holding two full-size tensors at a time (its input and one activation)."""
     if (
         not isinstance(block, ResnetBlock2D)
         or block.upsample is not None
@@ -134,15 +160,16 @@ def _sliced_resnet(block: nn.Module, x: torch.Tensor, num_slices: int) -> torch.
         or block.time_emb_proj is not None
     ):
         raise _unsupported(f"a {type(block).__name__} block")
-    h = _sliced_norm_act_conv(x, block.norm1, block.nonlinearity, block.conv1, num_slices)
     if block.training and block.dropout.p > 0:
         raise _unsupported("dropout in training mode")
-    h = _sliced_norm_act_conv(h, block.norm2, block.nonlinearity, block.conv2, num_slices)
-    for start, end in row_bands(x.shape[2], num_slices):
-        shortcut = x[:, :, start:end]
-        if block.conv_shortcut is not None:
-            shortcut = block.conv_shortcut(shortcut)
-        h[:, :, start:end] += shortcut
+    h = _sliced_norm_act_conv(x, block.norm1, block.nonlinearity, block.conv1, num_slices)
+
+    def shortcut(start: int, end: int) -> torch.Tensor:
+        rows = x[:, :, start:end]
+        return block.conv_shortcut(rows) if block.conv_shortcut is not None else rows
+
+    # h is ours: the second convolution (plus the shortcut) overwrites it band by band
+    h = _sliced_norm_act_conv(h, block.norm2, block.nonlinearity, block.conv2, num_slices, shortcut, in_place=True)
     if block.output_scale_factor != 1.0:
         h /= block.output_scale_factor
     return h
@@ -198,6 +225,17 @@ def _sliced_downsample(down: nn.Module, x: torch.Tensor, num_slices: int) -> tor
     return out
 
 
+def _sliced_level(block: nn.Module, resamplers, resample, sample: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """One encoder / decoder level: its resnets, then its down- or upsampler."""
+    if getattr(block, "attentions", None):
+        raise _unsupported(f"attention in the {type(block).__name__} block")
+    for resnet in block.resnets:
+        sample = _sliced_resnet(resnet, sample, num_slices)
+    for resampler in resamplers or []:
+        sample = resample(resampler, sample, num_slices)
+    return sample
+
+
 @torch.no_grad()
 def decode_sliced(vae: AutoencoderKL, latents: torch.Tensor, num_slices: int) -> torch.Tensor:
     """`vae.decode(latents).sample`, computed in `num_slices` bands of rows (less peak memory)."""
@@ -207,12 +245,7 @@ def decode_sliced(vae: AutoencoderKL, latents: torch.Tensor, num_slices: int) ->
     sample = decoder.mid_block(sample, None)
     sample = sample.to(next(iter(decoder.up_blocks.parameters())).dtype)
     for block in decoder.up_blocks:
-        if getattr(block, "attentions", None):
-            raise _unsupported(f"attention in the {type(block).__name__} up block")
-        for resnet in block.resnets:
-            sample = _sliced_resnet(resnet, sample, num_slices)
-        for upsampler in block.upsamplers or []:
-            sample = _sliced_upsample(upsampler, sample, num_slices)
+        sample = _sliced_level(block, block.upsamplers, _sliced_upsample, sample, num_slices)
     return _sliced_norm_act_conv(sample, decoder.conv_norm_out, decoder.conv_act, decoder.conv_out, num_slices)
 
 
@@ -222,12 +255,7 @@ def encode_sliced(vae: AutoencoderKL, images: torch.Tensor, num_slices: int) -> 
     encoder = vae.encoder
     sample = _sliced_conv(images, encoder.conv_in, row_bands(images.shape[2], num_slices))
     for block in encoder.down_blocks:
-        if getattr(block, "attentions", None):
-            raise _unsupported(f"attention in the {type(block).__name__} down block")
-        for resnet in block.resnets:
-            sample = _sliced_resnet(resnet, sample, num_slices)
-        for downsampler in block.downsamplers or []:
-            sample = _sliced_downsample(downsampler, sample, num_slices)
+        sample = _sliced_level(block, block.downsamplers, _sliced_downsample, sample, num_slices)
     sample = encoder.mid_block(sample)
     sample = _sliced_norm_act_conv(sample, encoder.conv_norm_out, encoder.conv_act, encoder.conv_out, num_slices)
     if vae.quant_conv is not None:

@@ -223,3 +223,70 @@ def test_write_canny_in_process(tmp_path):
     source = tmp_path / "in.png"
     Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))[:, :, None].repeat(3, 2)).save(source)
     assert write_canny(source, tmp_path / "e.png", 1, 2).is_file()
+
+
+def _guide_blocks(language: str) -> list[str]:
+    text = (ROOT / "docs" / "control_net.md").read_text(encoding="utf-8")
+    blocks, inside, current = [], None, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if inside is None:
+                inside, current = line[3:].strip(), []
+            else:
+                if inside == language:
+                    blocks.append("\n".join(current))
+                inside = None
+        elif inside is not None:
+            current.append(line)
+    return blocks
+
+
+def test_guide_commands_run(tmp_path, monkeypatch):
+    """Every `python3 tools/...` line of docs/control_net.md, run in-process (same argv)."""
+    import importlib
+    import shlex
+
+    from library.cli import run_main
+
+    monkeypatch.chdir(tmp_path)
+    photo = np.zeros((64, 64, 3), np.uint8)
+    cv2.circle(photo, (32, 32), 20, (250, 200, 30), -1)
+    Path("demo_output").mkdir()
+    Image.fromarray(photo).save("demo_output/photo.png")
+    commands = [line for block in _guide_blocks("bash") for line in block.splitlines() if line.startswith("python3 tools/")]
+    assert len(commands) == 4
+    for command in commands:
+        script, *argv = shlex.split(command)[1:]
+        module = importlib.import_module(script[:-3].replace("/", "."))
+        assert run_main(module.main, argv) == 0, command
+    original = load_control_net("demo_output/control_tiny.safetensors")
+    assert all(k.startswith(CONTROL_PREFIX) for k in load_file("demo_output/control_tiny.safetensors"))
+    assert_same_weights(load_control_net("demo_output/control_tiny_diffusers"), original)
+    np.testing.assert_array_equal(np.array(Image.open("demo_output/photo_canny.png")), canny_edges(photo, 100, 200))
+
+
+def test_guide_python_example_runs():
+    (block,) = _guide_blocks("python")
+    exec(compile(block, "docs/control_net.md", "exec"), {})
+
+
+def test_load_control_nets_and_make_units(control_net, tmp_path):
+    from library.control_net import load_control_nets, make_units
+
+    first = save_control_net(control_net, tmp_path / "a.safetensors")
+    second = save_control_net(control_net, tmp_path / "b", "diffusers")
+    specs = load_control_nets([first, second], preps=["canny_10_20"], weights=[0.5], ratios=[0.25, 0.75])
+    assert [(s.weight, s.ratio) for s in specs] == [(0.5, 0.25), (1.0, 0.75)]
+    assert specs[0].preprocessor is not None and specs[1].preprocessor is None
+    images = [np.full((32, 32, 3), v, np.uint8) for v in (0, 85, 170)]
+    images[0][8:24, 8:24] = 255
+    units = make_units(specs, images, 48, 40, batch_size=2)
+    assert [u.hint.shape for u in units] == [(2, 3, 40, 48)] * 2
+    # item b of ControlNet i uses image (b * 2 + i) % 3: net 0 -> images 0, 2; net 1 -> images 1, 0
+    torch.testing.assert_close(units[0].hint[1], prepare_hint(images[2], specs[0].preprocessor, 48, 40)[0])
+    torch.testing.assert_close(units[1].hint[0], torch.full((3, 40, 48), 85 / 255))
+    assert units[0].hint[0].max() == 1.0  # canny edges of the square
+    single = make_units(specs, images[:1], 48, 40, batch_size=4)
+    assert single[1].hint.shape == (1, 3, 40, 48)
+    with pytest.raises(UserError, match="guide_image_path"):
+        make_units(specs, [], 48, 40)

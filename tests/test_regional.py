@@ -106,22 +106,27 @@ def _part_embeddings(text_encoder, networks, ids):
     return torch.cat(parts)
 
 
+def _couple_step(two_networks, tokenizer, masks, active, latents, t):
+    """(uncond, coupled cond) noise predictions of one step: rows [uncond | "a red cat" | "a blue dog"],
+    network i (multiplier `active[i]`) on part i's rows and inside mask i."""
+    unet, text_encoder, a, b = two_networks
+    for net, multiplier in zip((a, b), active):
+        net.set_multiplier(multiplier)
+    ids = tokenizer(["", "a red cat", "a blue dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ehs = _part_embeddings(text_encoder, [a, b], ids)
+    set_regions([a, b], masks, [part_rows(i, 2, 1, leading_rows=1) for i in range(2)])
+    eps = _eps(unet, latents.repeat(3, 1, 1, 1), t, ehs)
+    clear_regions([a, b])
+    return eps[:1], combine_noise_predictions(eps[1:], masks)
+
+
 def test_attention_couple_each_network_changes_only_its_region(two_networks, tokenizer_v1):
     """One step's combined prediction: network i changes it exactly nowhere outside mask i."""
-    unet, text_encoder, a, b = two_networks
     masks = _halves()
-    ids = tokenizer_v1(["", "a red cat", "a blue dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     latents = torch.randn(1, 4, *LATENT, generator=torch.Generator().manual_seed(0))
-    rows = [part_rows(i, 2, 1, leading_rows=1) for i in range(2)]
 
     def couple(active):
-        for net, multiplier in zip((a, b), active):
-            net.set_multiplier(multiplier)
-        ehs = _part_embeddings(text_encoder, [a, b], ids)
-        set_regions([a, b], masks, rows)
-        eps = _eps(unet, latents.repeat(3, 1, 1, 1), 400, ehs)
-        clear_regions([a, b])
-        return combine_noise_predictions(eps[1:], masks)
+        return _couple_step(two_networks, tokenizer_v1, masks, active, latents, 400)[1]
 
     base, only_a, only_b, both = couple((0, 0)), couple((1, 0)), couple((0, 1)), couple((1, 1))
     inside_a = masks[0].bool()
@@ -139,24 +144,15 @@ def test_regional_generation_latents_change_inside_mask(two_networks, tokenizer_
     enough that more steps blur the picture, real models much less)."""
     from library.samplers import get_sampler
 
-    unet, text_encoder, a, b = two_networks
     masks = _halves()
-    ids = tokenizer_v1(["", "a red cat", "a blue dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    rows = [part_rows(i, 2, 1, leading_rows=1) for i in range(2)]
 
     def run(active):
-        for net, multiplier in zip((a, b), active):
-            net.set_multiplier(multiplier)
-        ehs = _part_embeddings(text_encoder, [a, b], ids)
-        set_regions([a, b], masks, rows)
         scheduler = get_sampler("ddim")
         scheduler.set_timesteps(2)
         latents = torch.randn(1, 4, *LATENT, generator=torch.Generator().manual_seed(3))
         for t in scheduler.timesteps:
-            eps = _eps(unet, latents.repeat(3, 1, 1, 1), t, ehs)
-            cond = combine_noise_predictions(eps[1:], masks)
-            latents = scheduler.step(eps[:1] + 5.0 * (cond - eps[:1]), t, latents).prev_sample
-        clear_regions([a, b])
+            uncond, cond = _couple_step(two_networks, tokenizer_v1, masks, active, latents, t)
+            latents = scheduler.step(uncond + 5.0 * (cond - uncond), t, latents).prev_sample
         return latents[0]
 
     base = run((0, 0))

@@ -16,7 +16,7 @@ def test_row_bands_cover_rows_once():
         assert len(bands) <= min(n, height)
 
 
-@pytest.mark.parametrize("num_slices", [2, 5])
+@pytest.mark.parametrize("num_slices", [2, 5, 80])  # 80: one-row bands at every level
 def test_decode_sliced_matches_plain_decode(tiny_models_v1, num_slices):
     _, vae, _ = tiny_models_v1
     # 10x6 latents -> 80x48 pixels: odd band sizes, a band per few rows at every level
