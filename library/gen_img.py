@@ -25,10 +25,12 @@ from library.gen_jobs import (
     batches,
     image_sources,
     jobs_for_line,
+    open_image,
     parse_line,
     read_prompt_file,
 )
-from library.gen_control import ControlNetSpec, control_kwargs_fn, load_control_nets
+from library.control_net import ControlNetSpec
+from library.gen_control import control_kwargs_fn, load_from_args
 from library.gen_embeddings import PromptToken, expand_prompt, load_embeddings
 from library.gen_networks import LoadedNetwork, load_networks, set_multipliers
 from library.gen_pipeline import (
@@ -51,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ImageSources:
-    """Image files of --image_path, --mask_path and --guide_image_path (used in turn, job by job)."""
+    """Image files of --image_path and --mask_path (used in turn, image by image) and --guide_image_path
+    (ControlNet hints, in `control_net.make_units`' order)."""
 
     init: list[Path]
     masks: list[Path]
@@ -70,6 +73,7 @@ class Generator:
     model_hash: str | None = None
     tokens: list[PromptToken] = field(default_factory=list)  # embedding tokens to expand in prompts
     control_nets: list[ControlNetSpec] = field(default_factory=list)
+    guide_images: list[Image.Image] = field(default_factory=list)  # ControlNet hint sources
     sequence_number: int = 0
     batch_count: int = 0
     written: list[Path] = field(default_factory=list)
@@ -89,10 +93,10 @@ class Generator:
             init_images = torch.cat([image_to_tensor(image, width, height) for image in init])
         prompts = [expand_prompt(j.prompt, self.tokens) for j in jobs]
         negative_prompts = [expand_prompt(j.negative_prompt, self.tokens) for j in jobs]
-        guides = [job.guide_image for job in jobs] if first.guide_image is not None else None
         common = dict(
             seeds=[j.seed for j in jobs], init_images=init_images, init_latents=init_latents,
-            unet_kwargs_fn=control_kwargs_fn(self.control_nets, guides, width, height), progress_desc=desc,
+            unet_kwargs_fn=control_kwargs_fn(self.control_nets, self.guide_images, width, height, len(jobs)),
+            progress_desc=desc,
         )
         if first.mask is not None and self.args.image_path is None:  # --mask_path holds region masks
             count = gen_regional.num_parts(first.prompt)
@@ -208,9 +212,7 @@ class Generator:
             parsed = parse_line(line)
             if parsed is None:
                 continue
-            jobs.extend(
-                jobs_for_line(parsed, defaults, seeds, sources.init, sources.masks, len(jobs), sources.guides)
-            )
+            jobs.extend(jobs_for_line(parsed, defaults, seeds, sources.init, sources.masks, len(jobs)))
         for batch in batches(jobs, self.args.batch_size):
             self.process_batch(batch)
 
@@ -253,7 +255,7 @@ def load_generator(args: argparse.Namespace) -> Generator:
         model.eval().requires_grad_(False)
     _set_attention(args, loaded.unet)
     set_vae_slices(loaded.vae, args.vae_slices)
-    control_nets = load_control_nets(args, loaded.unet, loaded.v2, dtype, device)
+    control_nets = load_from_args(args, loaded.unet, loaded.v2, dtype, device)
     networks = load_networks(args, loaded.text_encoder, loaded.unet, loaded.vae, dtype, device)
     text_encoder, tokens = load_embeddings(args, loaded.tokenizer, loaded.text_encoder, loaded.unet)
     models = GenModels(
@@ -298,6 +300,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None) -> list[Path]:
     elif args.prompt is not None:
         lines = [args.prompt]
     generator = load_generator(args)
+    generator.guide_images = [open_image(path, "RGB") for path in sources.guides]
     defaults = JobDefaults(
         width=args.W, height=args.H, steps=args.steps, scale=args.scale, sampler=args.sampler,
         negative_scale=args.negative_scale, strength=args.strength, images_per_prompt=args.images_per_prompt,

@@ -64,7 +64,6 @@ class ImageJob:
     init_image: Image.Image | None = None
     init_image_name: str | None = None
     mask: Image.Image | None = None
-    guide_image: Image.Image | None = None  # ControlNet hint source
     index: int = 0  # position in the whole run
     extra: dict = field(default_factory=dict)
 
@@ -72,7 +71,7 @@ class ImageJob:
         """Jobs with the same key can be generated in one batch."""
         return (
             self.width, self.height, self.steps, self.scale, self.sampler, self.negative_scale, self.strength,
-            self.network_muls, self.init_image is not None, self.mask is not None, self.guide_image is not None,
+            self.network_muls, self.init_image is not None, self.mask is not None,
             self.prompt.count(" AND "),
         )
 
@@ -215,7 +214,6 @@ def jobs_for_line(
     init_images: Sequence[Path],
     masks: Sequence[Path],
     first_index: int,
-    guides: Sequence[Path] = (),
 ) -> list[ImageJob]:
     """The `--images_per_prompt` jobs of one prompt line."""
     jobs = []
@@ -232,7 +230,6 @@ def jobs_for_line(
             init_image, init_name = open_image(path, "RGB"), path.stem
         if masks:
             mask = open_image(masks[index % len(masks)], "RGB")  # RGB: region masks use the channels
-        guide = open_image(guides[index % len(guides)], "RGB") if guides else None
         width = line.width or defaults.width
         height = line.height or defaults.height
         if init_image is not None:
@@ -260,7 +257,6 @@ def jobs_for_line(
                 init_image=init_image,
                 init_image_name=init_name,
                 mask=mask,
-                guide_image=guide,
                 index=index,
             )
         )
