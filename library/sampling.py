@@ -9,7 +9,6 @@ leaves the models' modes and every RNG stream as it found them.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import random
@@ -24,12 +23,11 @@ import toml
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from tqdm import tqdm
 
 from library.errors import UserError
 from library.io_util import atomic_path
-from library.lpw_stable_diffusion import get_weighted_text_embeddings
-from library.samplers import check_sampler_name, get_sampler
+from library.gen_pipeline import BatchSettings, GenModels, decode_latents, generate_latents, model_device
+from library.samplers import check_sampler_name
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +40,11 @@ MAX_SEED = 2**31 - 1
 
 
 def floor_size(size: int) -> int:
-    """Round a sample width/height down to a multiple of 8, at least 64."""
-    return max(MIN_SAMPLE_SIZE, int(size) - int(size) % 8)
+    """Round a sample width/height down to a multiple of 8, at least 64 (with a warning when it changes)."""
+    floored = max(MIN_SAMPLE_SIZE, int(size) - int(size) % 8)
+    if floored != int(size):
+        logger.warning("image size %d is not a multiple of 8 (at least %d); using %d", int(size), MIN_SAMPLE_SIZE, floored)
+    return floored
 
 
 def clamp_steps(steps: int) -> int:
@@ -85,18 +86,20 @@ _OPTION_PATTERNS = [
 _CONVERTERS = {"width": int, "height": int, "seed": int, "steps": int, "scale": float}
 
 
-def parse_prompt_line(line: str, index: int = 0) -> SamplePrompt | None:
-    """Parse one prompt-file line; None for blank lines and `#` comments.
+def split_prompt_line(line: str) -> tuple[str, list[str]]:
+    """`prompt --a x --b y` → ("prompt", ["a x", "b y"]) (the line is split on " --", SPEC 5.1)."""
+    prompt, *options = line.strip().split(" --")
+    return prompt.strip(), options
 
-    Options follow the prompt as ` --<letter> <value>`; unknown ones are ignored and a
-    repeated option's last value wins.
+
+def parse_prompt_options(options: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """SamplePrompt field values of the options this parser knows, and the other options.
+
+    Unknown options are returned for callers with more of them (gen_img: --nl, --t, --am, ...);
+    a bad value is ignored with a warning; a repeated option's last value wins.
     """
-    line = line.strip()
-    if not line or line.startswith("#"):
-        return None
-    prompt, *options = line.split(" --")
     values: dict[str, Any] = {}
-    unparsed: list[str] = []  # kept for callers with more options (gen_img: --nl, --t, --am, ...)
+    unparsed: list[str] = []
     for option in options:
         for pattern, field_name in _OPTION_PATTERNS:
             match = pattern.match(option)
@@ -110,8 +113,22 @@ def parse_prompt_line(line: str, index: int = 0) -> SamplePrompt | None:
             break
         else:
             unparsed.append(option)
+    return values, unparsed
+
+
+def parse_prompt_line(line: str, index: int = 0) -> SamplePrompt | None:
+    """Parse one prompt-file line; None for blank lines and `#` comments.
+
+    Options follow the prompt as ` --<letter> <value>`; unknown ones are ignored and a
+    repeated option's last value wins.
+    """
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    prompt, options = split_prompt_line(line)
+    values, unparsed = parse_prompt_options(options)
     extra = {"unparsed_options": unparsed} if unparsed else {}
-    return SamplePrompt(prompt=prompt.strip(), index=index, extra=extra, **values)
+    return SamplePrompt(prompt=prompt, index=index, extra=extra, **values)
 
 
 # keys of HEAD's .toml / .json prompt files → SamplePrompt fields
@@ -214,30 +231,12 @@ def should_sample(
     return False
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _latent_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def _to_pil(decoded: torch.Tensor) -> Image.Image:
-    pixels = (decoded[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray((pixels * 255).round().astype(np.uint8))
-
-
 def _as_sample_prompts(prompts: str | SamplePrompt | Sequence[str | SamplePrompt]) -> list[SamplePrompt]:
     if isinstance(prompts, (str, SamplePrompt)):
         prompts = [prompts]
     return [p if isinstance(p, SamplePrompt) else SamplePrompt(prompt=p, index=i) for i, p in enumerate(prompts)]
 
 
-@torch.no_grad()
 def _generate_one(
     unet,
     vae,
@@ -250,52 +249,16 @@ def _generate_one(
     sampler_name: str,
     v_parameterization: bool,
     clip_skip: int | None,
-    device: torch.device,
     max_embeddings_multiples: int,
     show_progress: bool,
 ) -> Image.Image:
-    unet_dtype = _model_dtype(unet)
-    scheduler = get_sampler(sampler_name, v_parameterization)
-    guided = request.scale > 1.0
-    cond, uncond = get_weighted_text_embeddings(
-        tokenizer,
-        text_encoder,
-        prompt,
-        negative_prompt if guided else None,
+    models = GenModels(
+        unet, vae, text_encoder, tokenizer, v_parameterization=v_parameterization, clip_skip=clip_skip,
         max_embeddings_multiples=max_embeddings_multiples,
-        clip_skip=clip_skip,
     )
-    embeddings = torch.cat([uncond, cond]) if guided else cond
-    embeddings = embeddings.to(device=device, dtype=unet_dtype)
-
-    # one generator for the initial noise and the ancestral samplers' noise: a seed
-    # reproduces an image exactly, and the global RNG streams are not touched
-    generator = torch.Generator(device=device).manual_seed(seed)
-    factor = _latent_scale_factor(vae)
-    latent_shape = (1, unet.config.in_channels, request.height // factor, request.width // factor)
-    latents = torch.randn(latent_shape, generator=generator, device=device, dtype=torch.float32)
-
-    scheduler.set_timesteps(request.steps, device=device)
-    latents = latents * scheduler.init_noise_sigma
-    step_parameters = inspect.signature(scheduler.step).parameters
-    step_kwargs: dict[str, Any] = {}
-    if "generator" in step_parameters:
-        step_kwargs["generator"] = generator
-    if "eta" in step_parameters:
-        step_kwargs["eta"] = 0.0
-
-    for timestep in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not show_progress):
-        model_input = torch.cat([latents, latents]) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, timestep)
-        prediction = unet(model_input.to(unet_dtype), timestep, encoder_hidden_states=embeddings).sample.float()
-        if guided:
-            uncond_prediction, cond_prediction = prediction.chunk(2)
-            prediction = uncond_prediction + request.scale * (cond_prediction - uncond_prediction)
-        latents = scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
-
-    latents = latents / vae.config.scaling_factor
-    decoded = vae.decode(latents.to(_model_dtype(vae))).sample
-    return _to_pil(decoded)
+    settings = BatchSettings(request.width, request.height, request.steps, request.scale, sampler_name)
+    latents = generate_latents(models, settings, [prompt], [negative_prompt], [seed], show_progress=show_progress)
+    return decode_latents(models, latents)[0]
 
 
 def generate_images(
@@ -321,7 +284,7 @@ def generate_images(
     gets a fresh random one. Each image's `info` holds its prompt, negative-prompt, seed,
     sampler, steps and scale (strings), ready for PNG text chunks.
     """
-    device = torch.device(device) if device is not None else _model_device(unet)
+    device = torch.device(device) if device is not None else model_device(unet)
     use_autocast = dtype is not None and dtype != torch.float32
     seed_source = random.Random()  # own OS-seeded source: drawing a seed leaves the global stream alone
     images = []
@@ -339,7 +302,7 @@ def generate_images(
         with autocast:
             image = _generate_one(
                 unet, vae, text_encoder, tokenizer, request, prompt, negative_prompt, seed, sampler,
-                v_parameterization, clip_skip, device, max_embeddings_multiples, show_progress,
+                v_parameterization, clip_skip, max_embeddings_multiples, show_progress,
             )
         image.info.update(
             {
@@ -368,7 +331,7 @@ class _PreservedState:
         self.numpy_rng = np.random.get_state()
         self.python_rng = random.getstate()
         self.modes = [{module: module.training for module in model.modules()} for model in self.models]
-        self.devices = [_model_device(model) for model in self.models]
+        self.devices = [model_device(model) for model in self.models]
         for model in self.models:
             model.eval()
             model.to(self.device)
@@ -435,7 +398,7 @@ def sample_images(
         prompts = load_sample_prompts(prompts)
     sample_dir = Path(output_dir) / "sample"
     sample_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device is not None else _model_device(unet)
+    device = torch.device(device) if device is not None else model_device(unet)
     written: list[Path] = []
     with _PreservedState([unet, vae, text_encoder], device):
         for request in prompts:
