@@ -42,6 +42,7 @@ class TargetLocation:
     shape: tuple[int, ...]  # the model layer's weight shape
     file_key: str
     chunk: Optional[int] = None  # q/k/v chunk of a fused v2 `in_proj_weight`
+    c3lier_only: bool = False  # a ResNet / up- / down-sampler layer: targeted only by C3Lier (conv_dim)
 
     @property
     def out_features(self) -> int:
@@ -64,14 +65,22 @@ def _locations(
     layers: list[TargetLayer],
     root: torch.nn.Module,
     locate: Callable[[str], tuple[str, Optional[int]]],
+    c3lier: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, TargetLocation]:
     paths = _module_paths(root)
     out = {}
     for layer in layers:
         model_key = paths[id(layer.module)] + ".weight"
         file_key, chunk = locate(model_key)
-        out[layer.lora_name] = TargetLocation(layer.lora_name, layer.kind, tuple(layer.module.weight.shape), file_key, chunk)
+        shape = tuple(layer.module.weight.shape)
+        out[layer.lora_name] = TargetLocation(layer.lora_name, layer.kind, shape, file_key, chunk, layer.lora_name in c3lier)
     return out
+
+
+def _unet_locations(unet: torch.nn.Module, locate: Callable[[str], tuple[str, Optional[int]]]) -> dict[str, TargetLocation]:
+    lierla = {layer.lora_name for layer in find_unet_layers(unet, False)}
+    layers = find_unet_layers(unet, True)
+    return _locations(layers, unet, locate, {layer.lora_name for layer in layers} - lierla)
 
 
 class ModelTargets:
@@ -131,7 +140,7 @@ class ModelTargets:
                     return sd_config.TE_V1_PREFIX + link.ldm_key[len(with_level):], None
                 return link.ldm_key, link.chunk
 
-            targets = _locations(find_unet_layers(unet, True), unet, locate_unet)
+            targets = _unet_locations(unet, locate_unet)
             targets.update(_locations(find_text_encoder_layers(text_encoder), text_encoder, locate_te))
         except UserError as err:
             ldm.close()
@@ -168,7 +177,7 @@ class ModelTargets:
             with_level = sd_keys.HF_TEXT_MODEL + inner
             return (with_level if with_level in te_reader else inner), None
 
-        targets = _locations(find_unet_layers(unet, True), unet, lambda key: (key, None))
+        targets = _unet_locations(unet, lambda key: (key, None))
         targets.update(_locations(find_text_encoder_layers(text_encoder), text_encoder, locate_te))
         for name, location in targets.items():
             reader = te_reader if name.startswith("lora_te") else unet_reader

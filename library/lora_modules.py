@@ -17,7 +17,7 @@ import torch
 
 from library.errors import UserError
 from library.model_util import SafetensorsReader, is_safetensors
-from networks.lora import load_lora_state_dict, normalize_alpha
+from networks.lora import load_lora_state_dict, normalize_alpha, save_lora_state_dict
 from networks.lora_keys import LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_UNET
 
 PathLike = Union[str, os.PathLike]
@@ -95,6 +95,14 @@ class LoraFile:
     def has_text_encoder(self) -> bool:
         return any(name.startswith(LORA_PREFIX_TEXT_ENCODER + "_") for name in self.modules)
 
+    def rounded_to(self, dtype: torch.dtype) -> "LoraFile":
+        """The weights rounded to `dtype` (sd-scripts' --precision loads the inputs in it); float32
+        leaves them as they are. The arithmetic on them runs in float32 either way."""
+        if dtype != torch.float32:
+            for module in self.modules.values():
+                module.down, module.up = module.down.to(dtype), module.up.to(dtype)
+        return self
+
     def network_dim_alpha(self) -> tuple[str, str]:
         """ss_network_dim / ss_network_alpha values: the common rank / alpha, or "Dynamic"."""
         return common_dim_alpha(self.modules.values())
@@ -127,10 +135,17 @@ def _number(value: float) -> str:
 
 
 def read_lora_metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's metadata (after checking, from the header alone, that it is a LoRA)."""
     if not is_safetensors(path):
         return {}
+    if not path.is_file():
+        raise UserError(f"LoRA weights file not found: {path}")
     reader = SafetensorsReader(path)
     try:
+        if not any(key.endswith(".lora_down.weight") for key in reader.shapes):
+            # refuse e.g. a model file before reading gigabytes of it
+            example = next(iter(reader.shapes), None)
+            raise UserError(f"{path}: not a LoRA file: no '*.lora_down.weight' keys (first key: {example!r})")
         return dict(reader.metadata)
     finally:
         reader.close()
@@ -175,8 +190,34 @@ def group_modules(state_dict: Mapping[str, torch.Tensor], source: Any) -> dict[s
 def read_lora(path: PathLike) -> LoraFile:
     """Read a LoRA file (.safetensors with metadata, or .pt/.ckpt) into modules."""
     path = Path(path)
+    metadata = read_lora_metadata(path)
     state_dict = load_lora_state_dict(path)
-    return LoraFile(path, group_modules(state_dict, path), read_lora_metadata(path))
+    return LoraFile(path, group_modules(state_dict, path), metadata)
+
+
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+
+
+def write_lora(
+    save_to: PathLike,
+    modules: Mapping[str, LoraModuleWeights],
+    dtype: Optional[torch.dtype] = None,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Write modules as a LoRA file (atomic; .safetensors get `metadata` plus fresh sshs_* hashes)."""
+    save_to = Path(save_to)
+    save_lora_state_dict(save_to, modules_state_dict(modules, dtype), None, metadata)
+    return save_to
+
+
+def check_lora_output(save_to: PathLike) -> Path:
+    """--save_to of a LoRA tool must name a .safetensors / .pt / .ckpt file."""
+    path = Path(save_to)
+    if path.suffix.lower() not in LORA_EXTENSIONS:
+        raise UserError(f"--save_to {path}: the file name must end in {', '.join(LORA_EXTENSIONS)}")
+    if path.is_dir():
+        raise UserError(f"--save_to {path} is a folder; give a file name")
+    return path
 
 
 def modules_state_dict(

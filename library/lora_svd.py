@@ -118,3 +118,14 @@ def clamp_factors(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tupl
 def max_rank_of(out_features: int, in_features: int) -> int:
     """The largest rank a LoRA of an out × in (flattened) layer can have."""
     return min(out_features, in_features)
+
+
+def check_device(device: Optional[str]) -> Optional[str]:
+    """--device: None (CPU) or a torch device that exists here."""
+    if device is None:
+        return None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise UserError(f"--device {device}: not usable here ({str(err).splitlines()[0]})") from None
+    return device
