@@ -36,7 +36,8 @@ def _check_pair(org: ModelTargets, tuned: ModelTargets) -> None:
         raise UserError(f"--model_org {org.path} and --model_tuned {tuned.path} are different model types (SD 1.x vs 2.x)")
     for name, location in org.targets.items():
         other = tuned.targets.get(name)
-        if other is None or other.shape != location.shape:
+        # Linear [o, i] and Conv 1x1 [o, i, 1, 1] are the same layer (v2 proj_in / proj_out)
+        if other is None or (other.out_features, other.in_features) != (location.out_features, location.in_features):
             raise UserError(
                 f"--model_tuned {tuned.path}: layer {name} is {None if other is None else other.shape} "
                 f"but {location.shape} in --model_org {org.path}; the models must share one architecture"
@@ -44,7 +45,9 @@ def _check_pair(org: ModelTargets, tuned: ModelTargets) -> None:
 
 
 def _difference(org: ModelTargets, tuned: ModelTargets, name: str, device: Optional[str]) -> torch.Tensor:
-    return tuned.get(name).to(device=device, dtype=torch.float32) - org.get(name).to(device=device, dtype=torch.float32)
+    """tuned − org in float32, in org's layout."""
+    original = org.get(name).to(device=device, dtype=torch.float32)
+    return tuned.get(name).to(device=device, dtype=torch.float32).reshape(original.shape) - original
 
 
 def _rank_for(location: TargetLocation, dim: int, conv_dim: Optional[int]) -> int:

@@ -235,15 +235,17 @@ def svd_merge_modules(
     Σ ratio_i·ΔW_i, found exactly from the concatenated factors; alpha = rank (scale 1)."""
     conv_rank = new_rank if new_conv_rank is None else new_conv_rank
     exact = merge_lora_modules(loras, ratios, concat=True)
-    merged: dict[str, LoraModuleWeights] = {}
-    for name, module in tqdm(exact.items(), desc="svd merge", unit="module"):
+    for name, module in exact.items():  # refuse a bad rank before any work
         rank = conv_rank if module.is_conv3x3 else new_rank
         limit = lora_svd.max_rank_of(module.out_features, module.in_features)
         if rank > limit:
             raise UserError(
-                f"--new_rank{'/--new_conv_rank' if module.is_conv3x3 else ''} {rank} is larger than module {name} "
-                f"allows ({module.out_features}x{module.in_features}: at most {limit})"
+                f"{'--new_conv_rank' if module.is_conv3x3 and new_conv_rank is not None else '--new_rank'} {rank} "
+                f"is larger than module {name} allows ({module.out_features}x{module.in_features}: at most {limit})"
             )
+    merged: dict[str, LoraModuleWeights] = {}
+    for name, module in tqdm(exact.items(), desc="svd merge", unit="module"):
+        rank = conv_rank if module.is_conv3x3 else new_rank
         decomposition = lora_svd.svd_of_product(module.up2d().to(device or "cpu"), module.down2d().to(device or "cpu"))
         up2d, down2d = decomposition.factors(rank)
         if up2d.shape[1] < rank:
