@@ -1,6 +1,6 @@
 """Peak memory (RSS) of merge_lora.py into a model and of extract_lora_from_models.py.
 
-    python3 benchmarks/lora_tools_memory.py --out_dir bench_output --channels 160,320,640,640
+    python3 benchmarks/lora_tools_memory.py --out_dir bench_output --channels 128,256,512,512
 
 Builds an SD 1.x-shaped single-file model (U-Net width set by --channels; 320,640,1280,1280
 is the full SD 1.5 U-Net) and a C3Lier LoRA for it, then runs each tool in its own process
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,14 +29,30 @@ from library.tiny_sd import build_tiny_models, tiny_unet_config  # noqa: E402
 from networks import lora  # noqa: E402
 
 
-def peak_rss_mib(argv: Sequence[str]) -> float:
-    """Peak RSS (MiB) of one child process running `argv` (which must succeed)."""
-    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed: {process.stderr.read().decode('utf-8', 'replace')[-2000:]}")
-    return usage.ru_maxrss / 1024  # Linux reports KiB
+# Runs the script in a fresh interpreter and reports VmHWM, the peak RSS of the process image
+# after exec (getrusage of a child would also count the pages it shared with this parent).
+_WRAPPER = """
+import runpy, sys
+script, report = sys.argv[1], sys.argv[2]
+sys.argv = [script, *sys.argv[3:]]
+sys.path.insert(0, ".")
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    open(report, "w").write(peak.split()[1])
+"""
+
+
+def peak_rss_mib(argv: Sequence[str], report: Path) -> float:
+    """Peak RSS (MiB) of a fresh process running the script `argv[0]` with `argv[1:]` (must succeed)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, argv[0], str(report), *argv[1:]],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed: {result.stderr.decode('utf-8', 'replace')[-2000:]}")
+    return int(report.read_text(encoding="utf-8")) / 1024  # kB
 
 
 def build_files(out_dir: Path, channels: list[int], layers_per_block: int) -> tuple[Path, Path]:
@@ -60,7 +75,7 @@ def build_files(out_dir: Path, channels: list[int], layers_per_block: int) -> tu
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", type=str, default="bench_output", help="folder for the model, LoRA and outputs")
-    parser.add_argument("--channels", type=str, default="160,320,640,640", help="U-Net block_out_channels")
+    parser.add_argument("--channels", type=str, default="128,256,512,512", help="U-Net block_out_channels")
     parser.add_argument("--layers_per_block", type=int, default=2, help="U-Net layers per block (SD: 2)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir).resolve()
@@ -80,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"model: {model.name}, {size:.0f} MiB")
     baseline = None
     for label, run_argv in runs.items():
-        peak = peak_rss_mib(run_argv)
+        peak = peak_rss_mib(run_argv, out_dir / "peak_rss.txt")
         baseline = peak if baseline is None else baseline
         print(f"{label}: peak RSS {peak:.0f} MiB (+{peak - baseline:.0f} MiB over the baseline)")
 

@@ -18,35 +18,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from library import lora_extract, lora_svd  # noqa: E402
+from library import lora_extract, lora_svd, lora_tool_args  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_modules import check_distinct_output, check_lora_output, write_lora  # noqa: E402
-from library.model_util import precision_to_dtype  # noqa: E402
 
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--v2", action="store_true", help="the models are SD 2.x (also detected from the weights)")
-    parser.add_argument(
-        "--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"],
-        help="dtype of the saved tensors; default float",
-    )
+    lora_tool_args.add_save_precision_argument(parser)
     parser.add_argument("--model_org", type=str, default=None, help="the original model (file or Diffusers folder)")
     parser.add_argument("--model_tuned", type=str, default=None, help="the fine-tuned model (file or Diffusers folder)")
     parser.add_argument("--save_to", type=str, default=None, help="output LoRA file (.safetensors / .pt / .ckpt)")
     parser.add_argument("--dim", type=int, default=4, help="rank of the LoRA (default 4)")
     parser.add_argument("--conv_dim", type=int, default=None, help="rank of 3x3 conv (C3Lier) modules; default: no conv modules")
-    parser.add_argument(
-        "--clamp_quantile", type=float, default=0.99,
-        help="clamp the factors to this quantile of their absolute values (default 0.99; 1 = no clamp)",
-    )
+    lora_tool_args.add_clamp_quantile_argument(parser)
     parser.add_argument(
         "--min_diff", type=float, default=0.01,
         help="the text encoder is extracted only if some weight differs by at least this (default 0.01)",
     )
-    parser.add_argument("--device", type=str, default=None, help="device for the SVD, e.g. cuda; default CPU")
-    parser.add_argument("--no_metadata", action="store_true", help="write no ss_* metadata (only the sshs_* hashes)")
+    lora_tool_args.add_device_argument(parser)
+    lora_tool_args.add_no_metadata_argument(parser)
     return parser
 
 
@@ -54,11 +47,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = setup_parser().parse_args(argv)
     if args.model_org is None or args.model_tuned is None or args.save_to is None:
         raise UserError("--model_org, --model_tuned and --save_to are required")
-    if not 0 < args.clamp_quantile <= 1:
-        raise UserError(f"--clamp_quantile must be in (0, 1], got {args.clamp_quantile}")
+    lora_tool_args.check_clamp_quantile(args.clamp_quantile)
     save_to = check_distinct_output(check_lora_output(args.save_to), [args.model_org, args.model_tuned])
     device = lora_svd.check_device(args.device)
-    save_dtype = precision_to_dtype(args.save_precision) if args.save_precision else None
+    save_dtype = lora_tool_args.save_dtype_of(args.save_precision)
 
     modules, v2 = lora_extract.extract_modules(
         args.model_org, args.model_tuned, args.dim, args.conv_dim, args.v2, args.clamp_quantile, args.min_diff, device

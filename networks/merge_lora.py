@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from library import lora_merge  # noqa: E402
+from library import lora_merge, lora_tool_args  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_modules import (  # noqa: E402
@@ -42,20 +42,13 @@ MODEL_EXTENSIONS = (".safetensors", ".ckpt")
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--v2", action="store_true", help="the --sd_model is SD 2.x (also detected from the weights)")
-    parser.add_argument(
-        "--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"],
-        help="dtype of the saved tensors; default: as the source model (merge into a model) / float (LoRA output)",
-    )
-    parser.add_argument(
-        "--precision", type=str, default="float", choices=["float", "fp16", "bf16"],
-        help="precision of the merge arithmetic (default float)",
-    )
+    lora_tool_args.add_save_precision_argument(parser, "as the source model (merge into a model) / float (LoRA output)")
+    lora_tool_args.add_precision_argument(parser, "precision of the merge arithmetic (default float)")
     parser.add_argument("--sd_model", type=str, default=None, help="SD model to merge into (.safetensors / .ckpt / Diffusers folder); omit to merge LoRAs into one LoRA")
     parser.add_argument("--save_to", type=str, default=None, help="output file: a model (.safetensors / .ckpt) or a LoRA (.safetensors / .pt / .ckpt)")
-    parser.add_argument("--models", type=str, nargs="*", help="LoRA files to merge")
-    parser.add_argument("--ratios", type=float, nargs="*", help="one ratio per --models file (default 1.0 each)")
+    lora_tool_args.add_models_ratios_arguments(parser, "LoRA files to merge")
     parser.add_argument("--concat", action="store_true", help="LoRA output: concatenate the ranks (exact sum of the weight changes; any ranks)")
-    parser.add_argument("--no_metadata", action="store_true", help="LoRA output: write no ss_* metadata (only the sshs_* hashes)")
+    lora_tool_args.add_no_metadata_argument(parser, "LoRA output: ")
     return parser
 
 
@@ -66,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ratios = check_ratios(args.models or [], args.ratios)
     inputs = [*args.models, args.sd_model]
     merge_dtype = precision_to_dtype(args.precision) or torch.float32
-    save_dtype = precision_to_dtype(args.save_precision) if args.save_precision else None
+    save_dtype = lora_tool_args.save_dtype_of(args.save_precision)
 
     if args.sd_model is not None:
         save_to = Path(args.save_to)

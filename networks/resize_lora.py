@@ -19,11 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from library import lora_resize, lora_svd  # noqa: E402
+from library import lora_resize, lora_svd, lora_tool_args  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_modules import check_distinct_output, check_lora_output, read_lora, write_lora  # noqa: E402
-from library.model_util import precision_to_dtype  # noqa: E402
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -32,11 +31,8 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_to", type=str, default=None, help="output LoRA file (.safetensors / .pt / .ckpt)")
     parser.add_argument("--new_rank", type=int, default=4, help="rank of the output (with --dynamic_method: the maximum); default 4")
     parser.add_argument("--new_conv_rank", type=int, default=None, help="rank of 3x3 conv (C3Lier) modules; default --new_rank")
-    parser.add_argument(
-        "--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"],
-        help="dtype of the saved tensors; default float",
-    )
-    parser.add_argument("--device", type=str, default=None, help="device for the SVD, e.g. cuda; default CPU")
+    lora_tool_args.add_save_precision_argument(parser)
+    lora_tool_args.add_device_argument(parser)
     parser.add_argument("--verbose", action="store_true", help="print each module's new rank and the Frobenius norm fraction it keeps")
     parser.add_argument(
         "--dynamic_method", type=str, default=None, choices=list(lora_svd.DYNAMIC_METHODS),
@@ -59,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     lora_svd.check_dynamic_args(args.dynamic_method, args.dynamic_param)
     save_to = check_distinct_output(check_lora_output(args.save_to), [args.model])
     device = lora_svd.check_device(args.device)
-    save_dtype = precision_to_dtype(args.save_precision) if args.save_precision else None
+    save_dtype = lora_tool_args.save_dtype_of(args.save_precision)
 
     lora = read_lora(args.model)
     resized, stats = lora_resize.resize_modules(

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from library import lora_merge, lora_svd  # noqa: E402
+from library import lora_merge, lora_svd, lora_tool_args  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_modules import (  # noqa: E402
@@ -33,25 +33,15 @@ from library.model_util import precision_to_dtype  # noqa: E402
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"],
-        help="dtype of the saved tensors; default float",
-    )
-    parser.add_argument(
-        "--precision", type=str, default="float", choices=["float", "fp16", "bf16"],
-        help="precision the inputs are read in (default float); the SVD runs in float32",
-    )
+    lora_tool_args.add_save_precision_argument(parser)
+    lora_tool_args.add_precision_argument(parser, "precision the inputs are read in (default float); the SVD runs in float32")
     parser.add_argument("--save_to", type=str, default=None, help="output LoRA file (.safetensors / .pt / .ckpt)")
-    parser.add_argument("--models", type=str, nargs="*", help="LoRA files to merge (any ranks, LierLa or C3Lier)")
-    parser.add_argument("--ratios", type=float, nargs="*", help="one ratio per --models file (default 1.0 each)")
+    lora_tool_args.add_models_ratios_arguments(parser, "LoRA files to merge (any ranks, LierLa or C3Lier)")
     parser.add_argument("--new_rank", type=int, default=4, help="rank of the output (default 4)")
     parser.add_argument("--new_conv_rank", type=int, default=None, help="rank of 3x3 conv modules (default --new_rank)")
-    parser.add_argument("--device", type=str, default=None, help="device for the SVD, e.g. cuda; default CPU")
-    parser.add_argument(
-        "--clamp_quantile", type=float, default=0.99,
-        help="clamp the factors to this quantile of their absolute values (default 0.99, as sd-scripts; 1 = no clamp)",
-    )
-    parser.add_argument("--no_metadata", action="store_true", help="write no ss_* metadata (only the sshs_* hashes)")
+    lora_tool_args.add_device_argument(parser)
+    lora_tool_args.add_clamp_quantile_argument(parser)
+    lora_tool_args.add_no_metadata_argument(parser)
     return parser
 
 
@@ -62,12 +52,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ratios = check_ratios(args.models or [], args.ratios)
     if args.new_rank < 1 or (args.new_conv_rank is not None and args.new_conv_rank < 1):
         raise UserError("--new_rank and --new_conv_rank must be positive integers")
-    if not 0 < args.clamp_quantile <= 1:
-        raise UserError(f"--clamp_quantile must be in (0, 1], got {args.clamp_quantile}")
+    lora_tool_args.check_clamp_quantile(args.clamp_quantile)
     save_to = check_distinct_output(check_lora_output(args.save_to), args.models)
     device = lora_svd.check_device(args.device)
     merge_dtype = precision_to_dtype(args.precision) or torch.float32
-    save_dtype = precision_to_dtype(args.save_precision) if args.save_precision else None
+    save_dtype = lora_tool_args.save_dtype_of(args.save_precision)
 
     loras = [read_lora(path).rounded_to(merge_dtype) for path in args.models]
     merged = lora_merge.svd_merge_modules(
