@@ -3,12 +3,10 @@ dynamic ranks keep the stated fraction, metadata and hashes, diffusers loads the
 and bad input fails with one line and no output."""
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from library import lora_svd
 from library.lora_modules import read_lora
