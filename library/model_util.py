@@ -102,6 +102,9 @@ class SafetensorsReader:
             self.close()
             raise UserError(f"{path}: the file is truncated (tensor data ends past the end of the file)")
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
     def get_tensor(self, key: str) -> torch.Tensor:
         dtype, shape, start, end = self._entries[key]
         tensor = torch.empty(shape, dtype=dtype)
@@ -156,6 +159,10 @@ class LdmFile:
 
     def __contains__(self, key: str) -> bool:
         return key in self.shapes
+
+    def dtype(self, key: str) -> torch.dtype:
+        """A tensor's dtype without reading its data."""
+        return self._tensors[key].dtype if self._handle is None else self._handle.dtype(key)
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.shapes:

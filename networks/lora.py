@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from library.errors import UserError
 from library.io_util import atomic_path
 from library.model_hash import precalculate_safetensors_hashes
+from library.safe_unpickle import load_pickle_checkpoint
 from networks.lora_keys import (
     KIND_CONV3X3,
     LORA_PREFIX_TEXT_ENCODER,
@@ -80,7 +81,7 @@ def load_lora_state_dict(file: PathLike) -> dict[str, torch.Tensor]:
         if path.suffix.lower() == ".safetensors":
             state_dict = load_file(str(path))
         else:
-            state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
+            state_dict = load_pickle_checkpoint(path, mmap=False)
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
         raise UserError(f"cannot read LoRA weights file {path}: {err}") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -518,21 +519,29 @@ class LoRANetwork(torch.nn.Module):
         self, file: PathLike, dtype: Optional[torch.dtype], metadata: Optional[Mapping[str, Any]]
     ) -> None:
         """Save as .safetensors (with metadata and sshs_* hashes) or .pt/.ckpt (torch.save), atomically."""
-        state_dict = {
-            key: value.detach().to("cpu", dtype=dtype or value.dtype).contiguous()
-            for key, value in self.state_dict().items()
-        }
-        if Path(file).suffix.lower() == ".safetensors":
-            meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-            model_hash, legacy_hash = precalculate_safetensors_hashes(state_dict, meta)
-            meta["sshs_model_hash"] = model_hash
-            meta["sshs_legacy_hash"] = legacy_hash
-            with atomic_path(file) as tmp:
-                save_file(state_dict, str(tmp), meta)
-        else:
-            with atomic_path(file) as tmp:
-                torch.save(state_dict, str(tmp))
-        logger.info("saved LoRA weights: %s", file)
+        save_lora_state_dict(file, self.state_dict(), dtype, metadata)
+
+
+def save_lora_state_dict(
+    file: PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    dtype: Optional[torch.dtype] = None,
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> None:
+    """Write LoRA tensors as .safetensors (metadata plus sshs_* hashes of the file as written) or
+    .pt/.ckpt (torch.save, no metadata), atomically; `dtype` casts every tensor."""
+    tensors = {key: value.detach().to("cpu", dtype=dtype or value.dtype).contiguous() for key, value in state_dict.items()}
+    if Path(file).suffix.lower() == ".safetensors":
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        model_hash, legacy_hash = precalculate_safetensors_hashes(tensors, meta)
+        meta["sshs_model_hash"] = model_hash
+        meta["sshs_legacy_hash"] = legacy_hash
+        with atomic_path(file) as tmp:
+            save_file(tensors, str(tmp), meta)
+    else:
+        with atomic_path(file) as tmp:
+            torch.save(tensors, str(tmp))
+    logger.info("saved LoRA weights: %s", file)
 
 
 # ---------------------------------------------------------------------------------------
