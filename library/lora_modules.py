@@ -7,17 +7,19 @@ kohya LoRA files with one line naming the file; writing goes through
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 from library.errors import UserError
+from library.io_util import atomic_path
 from library.model_util import SafetensorsReader, is_safetensors
-from networks.lora import load_lora_state_dict, normalize_alpha, save_lora_state_dict
+from networks.lora import load_lora_state_dict, normalize_alpha, save_lora_state_dict, weights_ranks_and_alphas
 from networks.lora_keys import LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_UNET
 
 PathLike = Union[str, os.PathLike]
@@ -196,6 +198,36 @@ def read_lora(path: PathLike) -> LoraFile:
 
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+
+
+def load_lora_file(path: PathLike, sd_model_keys: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(flat state dict, metadata) of a LoRA or DyLoRA file, for tools that work on the raw tensors.
+
+    With `sd_model_keys` every key must belong to an SD 1.x/2.x LoRA module (`group_modules`'
+    checks); without, any file with `*.lora_down.weight` / `*.lora_up.weight` pairs is taken (the
+    weight checker reports on odd files too)."""
+    path = Path(path)
+    metadata = read_lora_metadata(path)
+    state_dict = load_lora_state_dict(path)
+    if sd_model_keys:
+        group_modules(state_dict, path)
+    else:
+        modules_dim, _ = weights_ranks_and_alphas(state_dict)
+        if not modules_dim:
+            example = next(iter(state_dict), "<no tensors>")
+            raise UserError(f"{path}: not a LoRA file: no '*.lora_down.weight' keys (first key: {example!r})")
+        for name in modules_dim:
+            if f"{name}.lora_up.weight" not in state_dict:
+                raise UserError(f"{path}: module {name} has no lora_up.weight")
+    return state_dict, metadata
+
+
+@contextlib.contextmanager
+def atomic_lora_outputs(targets: Sequence[Path]) -> Iterator[dict[Path, Path]]:
+    """Temporary paths for several outputs, renamed into place only if the whole block succeeds:
+    a failure while writing any of them leaves none (old files stay untouched)."""
+    with contextlib.ExitStack() as stack:
+        yield {target: stack.enter_context(atomic_path(target)) for target in targets}
 
 
 def write_lora(

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
-from networks.lora_files import load_lora_file  # noqa: E402
+from library.lora_modules import load_lora_file  # noqa: E402
 from networks.lora_stats import all_tensor_stats, is_weight_key, module_problems  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from library.cli import run_main  # noqa: E402
 from networks.dylora_extract import cut_file_name, dylora_cuts  # noqa: E402
-from networks.lora_files import atomic_lora_outputs, check_lora_output_path, load_lora_file, write_lora_file  # noqa: E402
+from library.lora_modules import (  # noqa: E402
+    atomic_lora_outputs,
+    check_distinct_output,
+    check_lora_output,
+    load_lora_file,
+)
+from networks.lora import write_lora_tensors  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +44,17 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def split(args: argparse.Namespace) -> list[Path]:
     """Write every cut of `args.model`; returns the written paths."""
-    check_lora_output_path(args.save_to, [args.model])
+    check_distinct_output(check_lora_output(args.save_to), [args.model])
     weights_sd, metadata = load_lora_file(args.model)
     cuts = dylora_cuts(weights_sd, metadata, args.unit, args.model)
     targets = [cut_file_name(args.save_to, rank) for rank, _, _ in cuts]
     for target in targets:
-        check_lora_output_path(target, [args.model])
+        check_distinct_output(target, [args.model])
     as_safetensors = Path(args.save_to).suffix.lower() == ".safetensors"
     with atomic_lora_outputs(targets) as temporary:
         for target, (rank, state_dict, meta) in zip(targets, cuts):
             logger.info("rank %d -> %s", rank, target)
-            write_lora_file(temporary[target], state_dict, meta, as_safetensors)
+            write_lora_tensors(temporary[target], state_dict, None, meta, as_safetensors)
     return targets
 
 

@@ -522,25 +522,41 @@ class LoRANetwork(torch.nn.Module):
         save_lora_state_dict(file, self.state_dict(), dtype, metadata)
 
 
+def write_lora_tensors(
+    destination: PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    dtype: Optional[torch.dtype] = None,
+    metadata: Optional[Mapping[str, Any]] = None,
+    as_safetensors: Optional[bool] = None,
+) -> None:
+    """Write LoRA tensors to `destination` as is (not atomic: callers pass a temporary path).
+
+    Safetensors (`as_safetensors`, default: from the extension) get the metadata plus the sshs_*
+    hashes of the file as written; .pt/.ckpt hold the flat dict only (torch.save, no metadata,
+    as in sd-scripts). `dtype` casts every tensor."""
+    tensors = {key: value.detach().to("cpu", dtype=dtype or value.dtype).contiguous() for key, value in state_dict.items()}
+    if as_safetensors is None:
+        as_safetensors = Path(destination).suffix.lower() == ".safetensors"
+    if as_safetensors:
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = precalculate_safetensors_hashes(tensors, meta)
+        save_file(tensors, str(destination), meta)
+    else:
+        if metadata:
+            logger.info("%s: .pt/.ckpt LoRA files carry no metadata; it is not written", destination)
+        torch.save(tensors, str(destination))
+
+
 def save_lora_state_dict(
     file: PathLike,
     state_dict: Mapping[str, torch.Tensor],
     dtype: Optional[torch.dtype] = None,
     metadata: Optional[Mapping[str, Any]] = None,
 ) -> None:
-    """Write LoRA tensors as .safetensors (metadata plus sshs_* hashes of the file as written) or
-    .pt/.ckpt (torch.save, no metadata), atomically; `dtype` casts every tensor."""
-    tensors = {key: value.detach().to("cpu", dtype=dtype or value.dtype).contiguous() for key, value in state_dict.items()}
-    if Path(file).suffix.lower() == ".safetensors":
-        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        model_hash, legacy_hash = precalculate_safetensors_hashes(tensors, meta)
-        meta["sshs_model_hash"] = model_hash
-        meta["sshs_legacy_hash"] = legacy_hash
-        with atomic_path(file) as tmp:
-            save_file(tensors, str(tmp), meta)
-    else:
-        with atomic_path(file) as tmp:
-            torch.save(tensors, str(tmp))
+    """`write_lora_tensors` to `file` atomically (the format follows the extension)."""
+    as_safetensors = Path(file).suffix.lower() == ".safetensors"
+    with atomic_path(file) as tmp:
+        write_lora_tensors(tmp, state_dict, dtype, metadata, as_safetensors)
     logger.info("saved LoRA weights: %s", file)
 
 

@@ -24,7 +24,7 @@ from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.model_util import load_target_model  # noqa: E402
 from networks import lora  # noqa: E402
-from networks.lora_files import load_lora_file  # noqa: E402
+from library.lora_modules import load_lora_file  # noqa: E402
 from networks.lora_interrogate import rank_tokens, token_states  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -134,14 +134,14 @@ def test_failed_write_leaves_no_output(dylora_file, tmp_path, monkeypatch):
 
     calls = []
 
-    def failing_write(destination, state_dict, metadata, as_safetensors):
+    def failing_write(destination, state_dict, dtype, metadata, as_safetensors):
         calls.append(destination)
         if len(calls) == 2:
             raise OSError("disk full")
-        real_write(destination, state_dict, metadata, as_safetensors)
+        real_write(destination, state_dict, dtype, metadata, as_safetensors)
 
-    real_write = script.write_lora_file
-    monkeypatch.setattr(script, "write_lora_file", failing_write)
+    real_write = script.write_lora_tensors
+    monkeypatch.setattr(script, "write_lora_tensors", failing_write)
     old = tmp_path / "cut-0002.safetensors"
     old.write_bytes(b"previous output")
     with pytest.raises(OSError):
