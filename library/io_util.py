@@ -21,6 +21,15 @@ def _umask() -> int:
     return umask
 
 
+def _raise_disk_error(err: BaseException, target: Path) -> None:
+    """A full / read-only disk is the user's to fix: re-raise it as one line naming the file."""
+    from library.preflight import disk_user_error  # late import: preflight imports nothing from here
+
+    user_error = disk_user_error(err, target) if isinstance(err, Exception) else None
+    if user_error is not None:
+        raise user_error from err
+
+
 @contextlib.contextmanager
 def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` atomically.
@@ -39,9 +48,10 @@ def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
         if tmp.is_file():
             os.chmod(tmp, target.stat().st_mode & 0o777 if target.is_file() else 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        _raise_disk_error(err, target)
         raise
 
 
@@ -58,8 +68,9 @@ def atomic_dir(target: PathLike) -> Iterator[Path]:
         yield tmp
         # mkdtemp makes 0700 folders; give the output the mode a plain mkdir would
         os.chmod(tmp, 0o777 & ~_umask())
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_disk_error(err, target)
         raise
     replace_dir(tmp, target)
 
