@@ -30,6 +30,13 @@ def _raise_disk_error(err: BaseException, target: Path) -> None:
         raise user_error from err
 
 
+def _make_parent(target: Path) -> None:
+    """Create the output's folder; a path through a file or a read-only place is the user's to fix."""
+    from library.preflight import make_dir
+
+    make_dir(target.parent, f"cannot write {target}")
+
+
 @contextlib.contextmanager
 def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` atomically.
@@ -38,7 +45,7 @@ def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
     format from the extension. On error the temp file is removed and `target` is untouched.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     ext = suffix if suffix is not None else target.suffix
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{ext}", dir=target.parent)
     os.close(fd)
@@ -62,7 +69,7 @@ def atomic_dir(target: PathLike) -> Iterator[Path]:
     An existing folder is moved aside first and deleted only after the new one is in place.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp

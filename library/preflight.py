@@ -38,6 +38,19 @@ DISK_ERRNOS = {
 _DISK_FULL_TEXT = ("No space left on device", "StorageFull", "os error 28", "Disk quota exceeded")
 
 
+def make_dir(folder: PathLike, what: str) -> Path:
+    """`mkdir -p folder`; failure is a `UserError` naming `what` and the real cause (e.g. a file
+    where a folder of the path should be, which the OS reports as "File exists")."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocking} is a file, not a folder" if blocking is not None else (err.strerror or str(err))
+        raise UserError(f"{what}: cannot create the folder {folder}: {reason}") from err
+    return folder
+
+
 def ensure_writable_dir(path: PathLike, flag: str, create: bool = True) -> Path:
     """Create `path` (with parents) if `create`, then prove that a file can be written in it.
 
@@ -50,10 +63,7 @@ def ensure_writable_dir(path: PathLike, flag: str, create: bool = True) -> Path:
     if not folder.exists():
         if not create:
             raise UserError(f"{flag} {folder}: folder not found")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"{flag} {folder}: cannot create the folder: {err.strerror or err}") from err
+        make_dir(folder, flag)
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
     except OSError as err:
