@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -660,7 +661,9 @@ class _Runner:
         """--skip_nonfinite_steps: drop this step's gradients; the step counts, the weights stay."""
         ctx = self.ctx
         ctx.optimizer.zero_grad(set_to_none=True)
-        ctx.lr_scheduler.step()  # the schedule stays aligned with the step count (and with resume)
+        with warnings.catch_warnings():  # torch warns when no optimizer step came before (a skipped first step)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            ctx.lr_scheduler.step()  # the schedule stays aligned with the step count (and with resume)
         ctx.global_step += 1
         self.progress.update(1)
         lrs = [float(lr) for lr in ctx.lr_scheduler.get_last_lr()]

@@ -82,11 +82,13 @@ def test_sigkill_during_state_save_leaves_only_complete_states(tmp_path):
 
 
 # --- a full disk (patched writes that fail part way) ------------------------------------------
-def _half_then_enospc(real_write):
-    """Wrap a writer `real_write(path_or_handle, ...)`: half of the real bytes reach the file, then ENOSPC."""
+def _half_then_enospc(real_write, target_index: int):
+    """Wrap a writer whose argument `target_index` is the path or open handle written: half of the
+    real bytes reach the file, then ENOSPC."""
 
-    def write(target, *args, **kwargs):
-        real_write(target, *args, **kwargs)
+    def write(*args, **kwargs):
+        real_write(*args, **kwargs)
+        target = args[target_index]
         if hasattr(target, "write"):  # an open handle (np.savez)
             target.flush()
             target.truncate(max(1, target.tell() // 2))
@@ -105,7 +107,7 @@ def _lora_writer(monkeypatch, tmp_path):
     unet, vae, text_encoder = build_tiny_models(seed=0)
     network = lora.create_network(1.0, 4, 4, vae, text_encoder, unet)
     network.apply_to(text_encoder, unet, True, True)
-    monkeypatch.setattr(lora, "save_file", _half_then_enospc(lora.save_file))
+    monkeypatch.setattr(lora, "save_file", _half_then_enospc(lora.save_file, 1))
     return tmp_path / "lora.safetensors", lambda path: network.save_weights(path, None, {"ss_x": "1"})
 
 
@@ -114,13 +116,13 @@ def _model_writer(monkeypatch, tmp_path):
     from library.tiny_sd import build_tiny_models
 
     unet, vae, text_encoder = build_tiny_models(seed=0)
-    monkeypatch.setattr(model_util, "save_file", _half_then_enospc(model_util.save_file))
+    monkeypatch.setattr(model_util, "save_file", _half_then_enospc(model_util.save_file, 1))
     return tmp_path / "model.safetensors", lambda path: model_util.save_stable_diffusion_checkpoint(
         False, path, text_encoder, unet, vae)
 
 
 def _npz_writer(monkeypatch, tmp_path):
-    monkeypatch.setattr(np, "savez", _half_then_enospc(np.savez))
+    monkeypatch.setattr(np, "savez", _half_then_enospc(np.savez, 0))
     return tmp_path / "img0.npz", lambda path: latent_cache.save_latents_npz(path, torch.ones(4, 8, 8))
 
 
