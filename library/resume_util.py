@@ -69,6 +69,8 @@ def resolve_resume_path(value: Optional[Union[str, Path]]) -> Optional[Path]:
 def mismatch_message(state_dir: Path, err: BaseException) -> str:
     """One line for a state that cannot be loaded into this run (another run's state)."""
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    if isinstance(err, FileNotFoundError):
+        return f"--resume: the state in {state_dir} is incomplete: {first}"
     if "size mismatch" in str(err):
         first = "tensor shapes differ (" + str(err).split("size mismatch for ", 1)[1].splitlines()[0].strip() + ")"
     return (

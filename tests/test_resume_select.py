@@ -66,3 +66,12 @@ def test_save_state_on_train_end_then_resume_output_folder_is_exact(tmp_path, ca
     full = th.run_train(th.base_argv(model, img, tmp_path / "full", "--max_train_steps", "4"))
     assert resumed.global_step == 4
     assert resumed.step_losses == full.step_losses[2:]
+
+
+def test_state_load_errors_are_one_line(tmp_path):
+    size = RuntimeError("Error(s) in loading state_dict for ModuleDict:\n\tsize mismatch for net.w: copying a param "
+                        "with shape [8, 4] from checkpoint, the shape in current model is [4, 4].\n\tsize mismatch for net.v")
+    message = resume_util.mismatch_message(tmp_path, size)
+    assert "\n" not in message and "does not fit this run" in message and "net.w" in message and "[8, 4]" in message
+    missing = resume_util.mismatch_message(tmp_path, FileNotFoundError("optimizer.bin"))
+    assert missing == f"--resume: the state in {tmp_path} is incomplete: optimizer.bin"
