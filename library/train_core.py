@@ -667,6 +667,8 @@ class _Runner:
         ctx.global_step += 1
         self.progress.update(1)
         lrs = [float(lr) for lr in ctx.lr_scheduler.get_last_lr()]
+        if self.guard.skipped >= self.guard.limit:
+            self.progress.close()  # the run stops: the error line then starts on its own line
         self.guard.record_skip(ctx.global_step, float(step_loss.float() / (micro % accumulation or accumulation)), lrs)
 
     def _stop_requested(self) -> bool:
@@ -703,6 +705,8 @@ class _Runner:
         ctx, accelerator = self.ctx, self.ctx.accelerator
         values = torch.stack([loss.float() for _, loss, _ in self.pending]).cpu().tolist()
         for (step, _, lrs), value in zip(self.pending, values):
+            if not math.isfinite(value):
+                self.progress.close()  # the error line then starts on its own line
             self.guard.check(step, value, lrs)
             self.step_losses.append(value)
             self.epoch_losses.append(value)
