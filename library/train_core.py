@@ -662,7 +662,7 @@ class _Runner:
         ctx = self.ctx
         ctx.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # torch warns when no optimizer step came before (a skipped first step)
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             ctx.lr_scheduler.step()  # the schedule stays aligned with the step count (and with resume)
         ctx.global_step += 1
         self.progress.update(1)
