@@ -32,6 +32,7 @@ from library.datasets import (  # noqa: F401 - *SubsetParams are part of this mo
     FineTuningSubsetParams,
 )
 from library.errors import UserError
+from library.input_checks import DREAMBOOTH_LAYOUT
 
 logger = logging.getLogger(__name__)
 
@@ -378,7 +379,7 @@ def user_config_from_args(args: argparse.Namespace, support_dreambooth: bool = T
         raise UserError("--train_data_dir is required (or use --dataset_config)")
     subsets = generate_dreambooth_subsets_config_by_subdirs(train_data_dir, getattr(args, "reg_data_dir", None))
     if not any(not s["is_reg"] for s in subsets):
-        raise UserError(f"--train_data_dir {train_data_dir} has no '<repeats>_<class tokens>' folders with images")
+        raise UserError(f"--train_data_dir {train_data_dir} has no '<repeats>_<class tokens>' folders with images: {DREAMBOOTH_LAYOUT}")
     return {"datasets": [{"subsets": subsets}]}
 
 

@@ -34,6 +34,7 @@ from library.image_util import (
     to_model_tensor,
     trim_and_resize,
 )
+from library.input_checks import DREAMBOOTH_LAYOUT, round_resolution
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class BaseDataset:
             raise UserError("--resolution (or `resolution` in the dataset config) is required")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not predefined_buckets:  # the VAE floors sizes: round to what will really train, and say so
+            self.resolution = round_resolution(self.resolution, self.bucket_reso_steps if self.enable_bucket else None)
         if self.enable_bucket and not predefined_buckets:
             if min(self.resolution) < (self.min_bucket_reso or 0):
                 raise UserError(f"min_bucket_reso {self.min_bucket_reso} is larger than the resolution {self.resolution}")
@@ -285,7 +288,8 @@ class DreamBoothDataset(BaseDataset):
                     self._register(info)
         if not self.image_data:
             dirs = ", ".join(str(s.image_dir) for s in subsets) or "(no subsets)"
-            raise UserError(f"no training images found in {dirs}")
+            hint = f": {DREAMBOOTH_LAYOUT}" if self.is_dreambooth else ""
+            raise UserError(f"no training images found in {dirs}{hint}")
         self._balance_reg(reg_infos)
 
     def _scan_folder(self, subset: DreamBoothSubset, subset_index: int) -> list[ImageInfo]:

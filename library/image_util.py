@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from library.errors import UserError
+from library.preflight import make_dir
 
 if TYPE_CHECKING:
     import torch
@@ -252,7 +253,7 @@ def resize_folder_images(
         except ValueError:
             raise UserError(f"--max_resolution entries must look like 512x512, got {text!r}") from None
         areas.append((f"{w}x{h}", w * h))
-    dst_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(dst_dir, "destination folder")  # a clear error when the path runs through a file
     written: list[Path] = []
     # cached latents (.npz) belong to the original image size: never carry them over
     files = sorted(p for p in src_dir.iterdir() if p.is_file() and p.suffix.lower() != ".npz")

@@ -21,6 +21,22 @@ def _umask() -> int:
     return umask
 
 
+def _raise_disk_error(err: BaseException, target: Path) -> None:
+    """A full / read-only disk is the user's to fix: re-raise it as one line naming the file."""
+    from library.preflight import disk_user_error  # late import: preflight imports nothing from here
+
+    user_error = disk_user_error(err, target) if isinstance(err, Exception) else None
+    if user_error is not None:
+        raise user_error from err
+
+
+def _make_parent(target: Path) -> None:
+    """Create the output's folder; a path through a file or a read-only place is the user's to fix."""
+    from library.preflight import make_dir
+
+    make_dir(target.parent, f"cannot write {target}")
+
+
 @contextlib.contextmanager
 def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` atomically.
@@ -29,7 +45,7 @@ def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
     format from the extension. On error the temp file is removed and `target` is untouched.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     ext = suffix if suffix is not None else target.suffix
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{ext}", dir=target.parent)
     os.close(fd)
@@ -39,9 +55,10 @@ def atomic_path(target: PathLike, suffix: str | None = None) -> Iterator[Path]:
         if tmp.is_file():
             os.chmod(tmp, target.stat().st_mode & 0o777 if target.is_file() else 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        _raise_disk_error(err, target)
         raise
 
 
@@ -52,14 +69,15 @@ def atomic_dir(target: PathLike) -> Iterator[Path]:
     An existing folder is moved aside first and deleted only after the new one is in place.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         # mkdtemp makes 0700 folders; give the output the mode a plain mkdir would
         os.chmod(tmp, 0o777 & ~_umask())
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_disk_error(err, target)
         raise
     replace_dir(tmp, target)
 

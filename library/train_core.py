@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from library import train_saving, train_util
+from library import nonfinite, preflight, resume_util, train_saving, train_util
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ def _build_dataset_group(args: argparse.Namespace, method: TrainingMethod, accel
 def _cache_latents(args: argparse.Namespace, ctx: TrainContext, device: torch.device) -> None:
     """Encode every image once with the VAE; the VAE then leaves the accelerator."""
     vae = ctx.models.vae
-    _place(vae, device, ctx.weight_dtype)
+    _place(vae, device, nonfinite.vae_dtype(args, ctx.weight_dtype))
     vae.eval()
     with torch.no_grad():
         ctx.dataset_group.cache_latents(
@@ -385,10 +386,10 @@ def _batch_latents(batch: dict, ctx: TrainContext, device: torch.device, generat
     if latents is not None:
         latents = latents.to(device, dtype=ctx.weight_dtype, non_blocking=True)
     else:
-        images = batch["images"].to(device, dtype=ctx.weight_dtype, non_blocking=True)
+        images = batch["images"].to(device, dtype=vae.dtype, non_blocking=True)  # float32 with --no_half_vae
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample(generator)
-        latents = torch.nan_to_num(latents, 0.0)  # fp16 VAEs may overflow on some images
+        latents = torch.nan_to_num(latents, 0.0).to(ctx.weight_dtype)  # fp16 VAEs may overflow on some images
     return latents * vae.config.scaling_factor
 
 
@@ -436,11 +437,15 @@ class _Runner:
         if getattr(args, "cache_latents_to_disk", False):
             args.cache_latents = True
         method.verify_args(args)
+        if getattr(args, "resume", None):
+            args.resume = str(resume_util.resolve_resume_path(args.resume))  # an output folder: its latest state
         resume_state = train_saving.read_resume_json(getattr(args, "resume", None))
         if args.seed is None and "seed" in resume_state:
             args.seed = int(resume_state["seed"])  # a resumed run keeps the random seed it started with
         train_util.resolve_seed(args)
         sample_prompts = sampling.load_sample_prompts(args.sample_prompts) if getattr(args, "sample_prompts", None) else []
+        preflight.check_training_outputs(args, bool(sample_prompts))  # not at the first save, hours later
+        self.guard = nonfinite.NonFiniteGuard(args)
         accelerator = _build_accelerator(args, method.ddp_find_unused_parameters)
         weight_dtype = model_util.precision_to_dtype(args.mixed_precision) or torch.float32
         save_dtype = model_util.precision_to_dtype(getattr(args, "save_precision", None))
@@ -451,6 +456,8 @@ class _Runner:
         method.prepare_dataset(args, dataset_group)
         if len(dataset_group) == 0:
             raise UserError("no training images found: check --train_data_dir / --dataset_config")
+        if getattr(args, "cache_latents_to_disk", False):
+            preflight.check_latent_cache_folders(preflight.latent_cache_folders(dataset_group))
         self.accelerator, self.weight_dtype, self.save_dtype = accelerator, weight_dtype, save_dtype
         self.sample_prompts, self.dataset_group, self.resume_state = sample_prompts, dataset_group, resume_state
         return dataset_group
@@ -494,7 +501,7 @@ class _Runner:
         models.vae.requires_grad_(False)
         models.vae.eval()
         if not args.cache_latents:
-            _place(models.vae, device, frozen_dtype)
+            _place(models.vae, device, nonfinite.vae_dtype(args, frozen_dtype))
         for model in (models.unet, models.text_encoder):  # trained base weights keep their dtype
             _place(model, device, None if any(p.requires_grad for p in model.parameters()) else frozen_dtype)
         if args.gradient_checkpointing:
@@ -615,7 +622,10 @@ class _Runner:
                 step_loss = detached if step_loss is None else step_loss + detached
                 micro += 1
                 if sync:
-                    self._optimizer_step(micro, accumulation, step_loss)
+                    if self.guard.skips and not self.guard.step_is_finite(step_loss, accelerator):
+                        self._skip_nonfinite_step(micro, accumulation, step_loss)
+                    else:
+                        self._optimizer_step(micro, accumulation, step_loss)
                     step_loss = None
                     if len(self.pending) >= read_every:
                         self._read_losses()
@@ -658,6 +668,20 @@ class _Runner:
         lrs = [float(lr) for lr in ctx.lr_scheduler.get_last_lr()]
         self.pending.append((ctx.global_step, step_loss / micro_in_step, lrs))
 
+    def _skip_nonfinite_step(self, micro: int, accumulation: int, step_loss: torch.Tensor) -> None:
+        """--skip_nonfinite_steps: drop this step's gradients; the step counts, the weights stay."""
+        ctx = self.ctx
+        ctx.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when no optimizer step came before (a skipped first step)
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            ctx.lr_scheduler.step()  # the schedule stays aligned with the step count (and with resume)
+        ctx.global_step += 1
+        self.progress.update(1)
+        lrs = [float(lr) for lr in ctx.lr_scheduler.get_last_lr()]
+        if self.guard.skipped >= self.guard.limit:
+            self.progress.close()  # the run stops: the error line then starts on its own line
+        self.guard.record_skip(ctx.global_step, float(step_loss.float() / (micro % accumulation or accumulation)), lrs)
+
     def _stop_requested(self) -> bool:
         stop = self.hooks.stop_after_step
         return stop is not None and self.ctx.global_step >= stop
@@ -693,10 +717,8 @@ class _Runner:
         values = torch.stack([loss.float() for _, loss, _ in self.pending]).cpu().tolist()
         for (step, _, lrs), value in zip(self.pending, values):
             if not math.isfinite(value):
-                raise UserError(
-                    f"loss became {value} at step {step}: training diverged (lower --learning_rate, "
-                    "check --mixed_precision / --full_fp16, or the data)"
-                )
+                self.progress.close()  # the error line then starts on its own line
+            self.guard.check(step, value, lrs)
             self.step_losses.append(value)
             self.epoch_losses.append(value)
             average = sum(self.epoch_losses) / len(self.epoch_losses)
@@ -740,7 +762,7 @@ class _Runner:
         plan, ctx = self.plan, self.ctx
         path = plan.last_model_path(ext)
         self._save_model(path, ctx.num_train_epochs, ctx.global_step, final=True)
-        if plan.save_state:
+        if plan.save_state or getattr(self.args, "save_state_on_train_end", False):
             self._save_state(plan.last_state_dir(), *self.position)
         return path
 

@@ -20,6 +20,8 @@ from typing import Any, Optional
 from library import train_util
 from library.errors import UserError
 from library.io_util import replace_dir
+from library.preflight import disk_errors_as_user_errors
+from library.resume_util import mismatch_message
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +151,15 @@ def save_train_state(accelerator: Any, state_dir: Path, train_state: dict[str, A
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=2), encoding="utf-8")
+    try:
+        with disk_errors_as_user_errors(state_dir):
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=2), encoding="utf-8")
+    except BaseException:
+        if accelerator.is_main_process:  # a half-written state is never left for --resume to find
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         replace_dir(tmp, state_dir)
@@ -172,7 +180,7 @@ def load_train_state(accelerator: Any, state_dir: str | Path) -> dict[str, Any]:
     try:
         accelerator.load_state(str(state_dir))
     except (FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
-        raise UserError(f"--resume: cannot load training state from {state_dir}: {err}") from err
+        raise UserError(mismatch_message(state_dir, err)) from err
     if not (state_dir / TRAIN_STATE_FILE).is_file():
         logger.warning("%s has no %s: resuming at step 0 with restored optimizer", state_dir, TRAIN_STATE_FILE)
     return read_resume_json(state_dir)

@@ -68,14 +68,14 @@ _UNSUPPORTED_GROUPS: dict[str, tuple[str, ...]] = {
         "caption_prefix", "caption_suffix", "dataset_class", "resize_interpolation", "skip_cache_check",
     ),
     "this resume / saving option is not implemented (use --save_state / --resume)": (
-        "save_state_on_train_end", "skip_until_initial_step", "initial_epoch", "initial_step", "mem_eff_save",
+        "skip_until_initial_step", "initial_epoch", "initial_step", "mem_eff_save",
     ),
     "this script writes no modelspec metadata (the trainers register these flags themselves)": (
         "metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
     ),
     "this tracker option is not supported": ("wandb_run_name", "log_tracker_config", "log_config"),
     "SDXL / SD3 options are not supported (SD 1.x / 2.x only)": (
-        "sdxl", "learning_rate_te1", "learning_rate_te2", "no_half_vae",
+        "sdxl", "learning_rate_te1", "learning_rate_te2",
         "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "train_text_encoder_1",
         "train_text_encoder_2", "disable_mmap_load_safetensors", "fused_backward_pass", "blocks_to_swap",
         "cpu_offload_checkpointing",
@@ -190,7 +190,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: 
                         help="keep step states of the last N steps only (overrides --save_last_n_steps for states)")
     parser.add_argument("--save_state", action="store_true",
                         help="also save the training state (optimizer etc.) with each model save")
-    parser.add_argument("--resume", type=str, default=None, help="saved state folder to resume training from")
+    parser.add_argument("--save_state_on_train_end", action="store_true",
+                        help="save the training state at the end of training (also without --save_state)")
+    parser.add_argument("--resume", type=str, default=None,
+                        help="saved state folder to resume training from, or an output folder: its latest state is used")
+    from library.nonfinite import add_nonfinite_arguments  # reliability flags live with their logic
+
+    add_nonfinite_arguments(parser)
     parser.add_argument("--train_batch_size", type=int, default=1, help="batch size for training")
     parser.add_argument("--max_token_length", type=int, default=None, choices=MAX_TOKEN_LENGTH_CHOICES,
                         help="max token length of the text encoder (default 75; 150 or 225)")
@@ -475,6 +481,9 @@ def read_config_from_file(
     logger.info("loading settings from %s", config_path)
     flat = load_config_toml(config_path)
     check_unsupported_flags(flat, source=str(config_path), known_flags=iter_flag_names(parser))
+    from library.input_checks import check_config_values
+
+    check_config_values(flat, parser, f"--config_file {config_path}", ignore=UNSUPPORTED_FLAGS)
     args = parser.parse_args(argv, namespace=argparse.Namespace(**flat))
     args.config_file = os.path.splitext(str(args.config_file))[0]
     return args

@@ -81,7 +81,7 @@ def load_lora_state_dict(file: PathLike) -> dict[str, torch.Tensor]:
         if path.suffix.lower() == ".safetensors":
             state_dict = load_file(str(path))
         else:
-            state_dict = load_pickle_checkpoint(path, mmap=False)
+            state_dict = load_pickle_checkpoint(path, mmap=False)  # the one restricted unpickler
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
         raise UserError(f"cannot read LoRA weights file {path}: {err}") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -509,6 +509,12 @@ class LoRANetwork(torch.nn.Module):
         """Load a LoRA file into this network (non-strict, like sd-scripts); returns the load info."""
         weights_sd = self.check_weights(load_lora_state_dict(file), file)
         info = self.load_state_dict(weights_sd, strict=False)
+        if weights_sd and len(info.unexpected_keys) == len(weights_sd):
+            # nothing would load: training would silently start from scratch
+            raise UserError(
+                f"LoRA weights {file}: none of its {len(weights_sd)} weights fit this model's network "
+                f"(e.g. {next(iter(weights_sd))!r}); is it a LoRA for another architecture (SDXL, SD3)?"
+            )
         if info.missing_keys:
             logger.warning("%s: %d weights of the network are not in the file", file, len(info.missing_keys))
         if info.unexpected_keys:

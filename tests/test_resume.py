@@ -31,8 +31,16 @@ def _tensors_equal(a: dict, b: dict) -> None:
                       "--flip_aug", "--network_train_unet_only", "--save_every_n_epochs", "1", "--max_train_steps", "4"],
             "stop": 2, "state": "lora-000001-state", "position": (1, 0),
         },
+        # --save_every_n_epochs state with two loader workers, caption shuffle / dropout / tag dropout
+        # and gradient accumulation (captions change per epoch: no text-encoder cache)
+        {
+            "extra": ["--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_data_loader_n_workers", "2",
+                      "--shuffle_caption", "--caption_dropout_rate", "0.3", "--caption_tag_dropout_rate", "0.3",
+                      "--save_every_n_epochs", "1", "--max_train_steps", "4"],
+            "stop": 2, "state": "lora-000001-state", "position": (1, 0),
+        },
     ],
-    ids=["mid_epoch_step_state", "epoch_state_accumulation"],
+    ids=["mid_epoch_step_state", "epoch_state_accumulation", "epoch_state_workers_caption_dropout"],
 )
 def test_resume_is_bit_identical_to_uninterrupted_run(tmp_path, scenario):
     model = th.make_tiny_model(tmp_path)
