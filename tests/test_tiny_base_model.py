@@ -122,3 +122,19 @@ def test_cli_errors_are_one_line(tmp_path):
         assert result.returncode == 1, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_docs_worked_example_runs(tmp_path):
+    """docs/tiny_model.md's worked example, with its demo_output/ paths moved to tmp_path."""
+    import json
+    import shlex
+
+    doc = (ROOT / "docs" / "tiny_model.md").read_text(encoding="utf-8")
+    line = next(l for l in doc.splitlines() if l.startswith("python3 tools/train_tiny_base_model.py demo_output/"))
+    argv = [a.replace("demo_output/", f"{tmp_path}/") for a in shlex.split(line)[2:]]
+    result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = json.loads((tmp_path / "toy_shapes.json").read_text(encoding="utf-8"))
+    assert len(log["vae_losses"]) == 3 and len(log["unet_losses"]) == 3 and log["threads"] == 1
+    models = load_target_model(tmp_path / "toy_shapes.safetensors")
+    assert list(models.vae.config.block_out_channels) == [32] * 4
