@@ -111,8 +111,30 @@ def make_dataset(config: TinyBaseConfig) -> tuple[torch.Tensor, list[str]]:
     return pixels.float() / 127.5 - 1.0, [caption(s) for s in scenes]
 
 
-def _log_every(steps: int) -> int:
-    return max(1, steps // 20)
+def _optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    losses: list[float],
+    progress: tqdm,
+    step: int,
+    total: int,
+    name: str,
+    clip: float | None = None,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> None:
+    """Backward, optional gradient clipping, optimizer (and scheduler) step; record the loss
+    and report it about 20 times per stage."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    losses.append(loss.item())
+    if step % max(1, total // 20) == 0:
+        progress.set_postfix(loss=f"{losses[-1]:.4f}")
+        logger.info("%s step %d/%d loss %.5f", name, step + 1, total, losses[-1])
 
 
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, config: TinyBaseConfig, generator: torch.Generator) -> list[float]:
@@ -130,13 +152,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, config: TinyBaseConfig, 
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(latents).sample
         loss = torch.nn.functional.mse_loss(reconstruction, batch) + config.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if step % _log_every(config.vae_steps) == 0:
-            progress.set_postfix(loss=f"{losses[-1]:.4f}")
-            logger.info("VAE step %d/%d loss %.5f", step + 1, config.vae_steps, losses[-1])
+        _optimizer_step(loss, optimizer, losses, progress, step, config.vae_steps, "VAE")
     vae.eval()
     return losses
 
@@ -205,15 +221,7 @@ def train_unet_and_text_encoder(
         noisy = scheduler.add_noise(batch, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        losses.append(loss.item())
-        if step % _log_every(config.unet_steps) == 0:
-            progress.set_postfix(loss=f"{losses[-1]:.4f}")
-            logger.info("U-Net step %d/%d loss %.5f", step + 1, config.unet_steps, losses[-1])
+        _optimizer_step(loss, optimizer, losses, progress, step, config.unet_steps, "U-Net", clip=1.0, lr_scheduler=lr_scheduler)
     unet.eval()
     text_encoder.eval()
     return losses

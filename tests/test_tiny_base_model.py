@@ -32,9 +32,13 @@ TOY = dict(
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    torch.set_num_threads(1)  # the shared CPU: one thread is as fast and does not oversubscribe
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy sizes: one thread is as fast and does not oversubscribe a shared CPU
     out = tmp_path_factory.mktemp("tiny_base") / "toy.safetensors"
-    return train_tiny_base_model(TinyBaseConfig(**TOY), out)
+    try:
+        yield train_tiny_base_model(TinyBaseConfig(**TOY), out)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _mean(values):
@@ -99,8 +103,8 @@ def test_rescale_keeps_reconstructions():
 
 
 def test_same_seed_same_weights(tmp_path):
-    again = train_tiny_base_model(TinyBaseConfig(**{**TOY, "vae_steps": 2, "unet_steps": 2}), tmp_path / "a.safetensors")
-    again2 = train_tiny_base_model(TinyBaseConfig(**{**TOY, "vae_steps": 2, "unet_steps": 2}), tmp_path / "b.safetensors")
+    again = train_tiny_base_model(TinyBaseConfig(**{**TOY, "vae_steps": 1, "unet_steps": 1}), tmp_path / "a.safetensors")
+    again2 = train_tiny_base_model(TinyBaseConfig(**{**TOY, "vae_steps": 1, "unet_steps": 1}), tmp_path / "b.safetensors")
     assert again.vae_losses == again2.vae_losses and again.unet_losses == again2.unet_losses
     from safetensors import safe_open
     from safetensors.torch import load_file
