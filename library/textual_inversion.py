@@ -66,7 +66,6 @@ def add_textual_inversion_arguments(parser: argparse.ArgumentParser, xti_files: 
     from library import modelspec
 
     modelspec.add_metadata_arguments(parser)  # --metadata_title, --metadata_author, ... (modelspec.* keys)
-    parser.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 with mixed precision (accepted; the VAE follows --mixed_precision)")
 
 
 class TextualInversionMethod(train_core.TrainingMethod):
@@ -106,8 +105,6 @@ class TextualInversionMethod(train_core.TrainingMethod):
             raise UserError(f"--save_model_as must be one of {', '.join(self.save_formats)} here, got {save_as!r}")
         if args.weights and not Path(args.weights).is_file():
             raise UserError(f"--weights: file not found: {args.weights}")
-        if getattr(args, "no_half_vae", False) and args.mixed_precision != "no":
-            logger.warning("--no_half_vae: the VAE runs in the --mixed_precision dtype here (cache latents in fp32 first if it overflows)")
         # the tokenizer ships with the package: check tokens before the slow dataset / model work
         tokenizer = load_tokenizer(bool(getattr(args, "v2", False)), getattr(args, "tokenizer_cache_dir", None))
         embedding_files.check_new_tokens(tokenizer, self.new_token_strings(), "--token_string")
