@@ -323,7 +323,8 @@ class _Runner:
             args.seed = int(resume_state["seed"])  # a resumed run keeps the random seed it started with
         train_util.resolve_seed(args)
         sample_prompts = sampling.load_sample_prompts(args.sample_prompts) if getattr(args, "sample_prompts", None) else []
-        preflight.check_training_outputs(args, bool(sample_prompts))  # not at the first save, hours later
+        if not getattr(args, "debug_dataset", False):  # --debug_dataset writes nothing
+            preflight.check_training_outputs(args, bool(sample_prompts))  # not at the first save, hours later
         self.guard = nonfinite.NonFiniteGuard(args)
         accelerator = _build_accelerator(args, method.ddp_find_unused_parameters)
         weight_dtype = model_util.precision_to_dtype(args.mixed_precision) or torch.float32
@@ -335,7 +336,7 @@ class _Runner:
         method.prepare_dataset(args, dataset_group)
         if len(dataset_group) == 0:
             raise UserError("no training images found: check --train_data_dir / --dataset_config")
-        if getattr(args, "cache_latents_to_disk", False):
+        if getattr(args, "cache_latents_to_disk", False) and not getattr(args, "debug_dataset", False):
             preflight.check_latent_cache_folders(preflight.latent_cache_folders(dataset_group))
         self.accelerator, self.weight_dtype, self.save_dtype = accelerator, weight_dtype, save_dtype
         self.sample_prompts, self.dataset_group, self.resume_state = sample_prompts, dataset_group, resume_state

@@ -267,6 +267,11 @@ def _no_temp_files_left(tmp: Path, env: Env) -> None:
     assert not leftovers, leftovers
 
 
+def _empty_folder(tmp: Path) -> Path:
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
 def _file(tmp: Path, name: str = "a_file") -> Path:
     (tmp / name).write_text("I am a file", encoding="utf-8")
     return tmp / name
@@ -306,6 +311,30 @@ PREPARE = "finetune/prepare_buckets_latents.py"
 RESIZE = "tools/resize_images_to_resolution.py"
 TINY = "tools/make_tiny_model.py"
 ENOSPC_ROWS_SAVE = {"REL_ENOSPC_MATCH": ".lora."}  # the temp file of the final LoRA save
+
+DB = "train_db.py"
+FINE_TUNE = "fine_tune.py"
+TI = "train_textual_inversion.py"
+GEN = "gen_img_diffusers.py"
+MERGE_LORA = "networks/merge_lora.py"
+RESIZE_LORA = "networks/resize_lora.py"
+EXTRACT_LORA = "networks/extract_lora_from_models.py"
+CHECK_LORA = "networks/check_lora_weights.py"
+MERGE_MODELS = "tools/merge_models.py"
+CAPTIONS = "finetune/make_captions.py"
+
+
+def _trainer(env: Env, tmp: Path, *extra: str) -> list[str]:
+    """train_db.py / train_textual_inversion.py arguments for a short run (no LoRA flags)."""
+    return [
+        "--pretrained_model_name_or_path", str(env.model), "--train_data_dir", str(env.dataset),
+        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(tmp / "out"),
+        "--train_batch_size", "1", "--max_train_steps", "2", "--max_data_loader_n_workers", "0", *extra,
+    ]
+
+
+def _gen(env: Env, tmp: Path, *extra: str) -> list[str]:
+    return ["--ckpt", str(env.model), "--prompt", "a dog", "--outdir", str(tmp / "images"), "--W", "64", "--H", "64", *extra]
 
 ROWS: list[Row] = [
     # --- dataset ---
@@ -412,6 +441,51 @@ ROWS: list[Row] = [
         [r"^error: destination folder: cannot create the folder .*small: .*a_file is a file"]),
     Row("make_tiny_model_output_through_a_file", TINY, lambda tmp, env: [str(_file(tmp) / "model")],
         [r"^error: cannot write .*model.*a_file is a file, not a folder"]),
+    # --- train_db.py, fine_tune.py, train_textual_inversion.py ---
+    Row("db_stop_text_encoder_beyond_steps", DB, lambda tmp, env: _trainer(env, tmp, "--stop_text_encoder_training", "5"),
+        [r"^error: --stop_text_encoder_training 5 is greater than the number of training steps \(2\)"]),
+    Row("db_diffusers_onto_existing_file", DB,
+        lambda tmp, env: _trainer(env, tmp, "--save_model_as", "diffusers", "--output_dir", str(tmp), "--output_name", _file(tmp).name),
+        [r"^error: --save_model_as diffusers: .*a_file is an existing file"]),
+    Row("fine_tune_in_json_missing", FINE_TUNE, lambda tmp, env: _trainer(env, tmp, "--in_json", str(tmp / "no.json")),
+        [r"^error: metadata file .*no\.json not found"]),
+    Row("ti_token_already_known", TI, lambda tmp, env: _trainer(env, tmp, "--token_string", "dog", "--init_word", "cat"),
+        [r"^error: --token_string: the tokenizer already knows the token 'dog'"]),
+    Row("ti_init_word_too_long", TI,
+        lambda tmp, env: _trainer(env, tmp, "--token_string", "mytok", "--init_word", "a big red dog", "--num_vectors_per_token", "2"),
+        [r"^error: --init_word 'a big red dog' has 4 tokens, more than --num_vectors_per_token 2"]),
+    # --- gen_img_diffusers.py ---
+    Row("gen_missing_ckpt", GEN, lambda tmp, env: _gen(env, tmp, "--ckpt", str(tmp / "none.safetensors")),
+        [r"^error: .*none\.safetensors: model not found"]),
+    Row("gen_unknown_sampler", GEN, lambda tmp, env: _gen(env, tmp, "--sampler", "nosuch"), [r"^error: unknown sampler 'nosuch' \(--sampler\)"]),
+    Row("gen_mask_without_image", GEN, lambda tmp, env: _gen(env, tmp, "--mask_path", str(_file(tmp))),
+        [r"^error: --mask_path needs --image_path"]),
+    Row("gen_lora_of_another_architecture", GEN,
+        lambda tmp, env: _gen(env, tmp, "--network_module", "networks.lora", "--network_weights", str(env.lora_sdxl_keys)),
+        [r"^error: .*lora_sdxl\.safetensors"]),
+    # --- LoRA and model tools, captioning ---
+    Row("merge_lora_ratio_count", MERGE_LORA,
+        lambda tmp, env: ["--models", str(env.lora_rank8), str(env.lora_rank8), "--ratios", "1.0", "--save_to", str(tmp / "m.safetensors")],
+        [r"^error: --ratios has 1 values but --models has 2 files"]),
+    Row("merge_lora_save_to_is_input", MERGE_LORA, lambda tmp, env: ["--models", str(env.lora_rank8), "--save_to", str(env.lora_rank8)],
+        [r"^error: --save_to .*lora_rank8\.safetensors is also an input file"]),
+    Row("merge_lora_wrong_architecture", MERGE_LORA,
+        lambda tmp, env: ["--sd_model", str(env.model), "--models", str(env.lora_sdxl_keys), "--save_to", str(tmp / "m.safetensors")],
+        [r"^error: .*lora_sdxl\.safetensors"]),
+    Row("resize_lora_not_a_lora", RESIZE_LORA,
+        lambda tmp, env: ["--model", str(_not_sd_safetensors(tmp, env)), "--save_to", str(tmp / "r.safetensors"), "--new_rank", "2"],
+        [r"^error: .*classifier\.safetensors: not a LoRA file"]),
+    Row("extract_lora_missing_model", EXTRACT_LORA,
+        lambda tmp, env: ["--model_org", str(env.model), "--model_tuned", str(tmp / "none.safetensors"),
+                          "--save_to", str(tmp / "e.safetensors"), "--dim", "4"],
+        [r"^error: .*none\.safetensors: model not found"]),
+    Row("check_lora_not_a_lora", CHECK_LORA, lambda tmp, env: [str(_not_sd_safetensors(tmp, env))],
+        [r"^error: .*classifier\.safetensors: not a LoRA file"]),
+    Row("merge_models_ratio_count", MERGE_MODELS,
+        lambda tmp, env: ["--models", str(env.model), str(env.model), "--ratios", "0.5", "--output", str(tmp / "mm.safetensors")],
+        [r"^error: --ratios has 1 values but --models has 2"]),
+    Row("make_captions_no_images", CAPTIONS, lambda tmp, env: [str(_empty_folder(tmp)), "--caption_weights", str(tmp / "no_model")],
+        [r"^error: train_data_dir: no images .* in .*empty"]),
 ]
 
 
