@@ -11,6 +11,7 @@ LDM keys and shapes of a model without reading any weights, and reads one tensor
 """
 from __future__ import annotations
 
+import abc
 import json
 import logging
 from pathlib import Path
@@ -43,7 +44,7 @@ def _modern_te_key(key: str) -> str:
     return key
 
 
-class CheckpointTensors:
+class CheckpointTensors(abc.ABC):
     """LDM keys, shapes and per-tensor reads of one checkpoint (see module doc)."""
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], v2: bool, owns_tensors: bool) -> None:
@@ -59,8 +60,9 @@ class CheckpointTensors:
     def __contains__(self, key: str) -> bool:
         return key in self.shapes
 
+    @abc.abstractmethod
     def get(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
+        """The tensor under LDM key `key` (read now, one at a time)."""
 
     def close(self) -> None:
         """Release open files."""
