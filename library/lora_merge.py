@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from tqdm import tqdm
 
-from library import lora_svd
+from library import lora_svd, modelspec
 from library.errors import UserError
 from library.io_util import atomic_path
 from library.lora_model_map import ModelTargets, TargetLocation
@@ -125,7 +125,7 @@ def merge_into_model(
                 TensorSpec(k, save_dtype if save_dtype is not None and ldm.dtype(k).is_floating_point else ldm.dtype(k), ldm.shapes[k])
                 for k in keys
             ]
-            write_streaming(save_to, specs, produce, metadata=ldm.metadata or None, progress=progress)
+            write_streaming(save_to, specs, produce, metadata=_merged_model_metadata(ldm.metadata or {}, save_to, targets.v2, sd_model, loras), progress=progress)
         else:
             # a pickle is written in one go: the merged model is held once (owned, not mapped)
             state_dict = {k: produce(k).clone() if ldm.mapped and k not in per_key else produce(k) for k in progress(keys)}
@@ -152,9 +152,19 @@ def _merge_into_loaded_model(
         )
         network.merge_to(models.text_encoder, models.unet, weights_sd)
     save_stable_diffusion_checkpoint(
-        models.v2, save_to, models.text_encoder, models.unet, models.vae, save_dtype=save_dtype
+        models.v2, save_to, models.text_encoder, models.unet, models.vae, save_dtype=save_dtype,
+        metadata=_merged_model_metadata({}, save_to, models.v2, sd_model, loras),
     )
     return save_to
+
+
+def _merged_model_metadata(
+    source: Mapping[str, str], save_to: Path, v2: bool, sd_model: Union[str, os.PathLike], loras: Sequence[LoraFile]
+) -> dict[str, str]:
+    """The source model's metadata with fresh `modelspec.*` keys (title, date, merged_from)."""
+    return modelspec.with_tool_modelspec(
+        source, modelspec.MODEL, save_to, v2=v2, sources=[source], merged_from=[sd_model, *(lora.path for lora in loras)]
+    )
 
 
 def _flat(lora: LoraFile) -> dict[str, torch.Tensor]:

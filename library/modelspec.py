@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 SPEC_VERSION = "1.0.1"
@@ -157,6 +159,64 @@ def metadata_from_args(
         clip_skip=flag("clip_skip"),
         extra=extra,
     )
+
+
+# descriptive keys a tool carries over from its one input (title, date and merged_from are new)
+_CARRIED_KEYS = ("author", "description", "license", "tags", "usage_hint", "trigger_phrase", "preprocessor")
+
+
+def base_model_of(metadata: Mapping[str, str]) -> tuple[bool, bool]:
+    """(v2, v_parameterization) a file's metadata states: `ss_v2` / `ss_v_parameterization`,
+    else `modelspec.architecture`; (False, False) when it states neither."""
+    if "ss_v2" in metadata:
+        v2 = str(metadata["ss_v2"]).lower() == "true"
+        return v2, v2 and str(metadata.get("ss_v_parameterization", "")).lower() == "true"
+    arch = str(metadata.get("modelspec.architecture", ""))
+    return arch.startswith("stable-diffusion-v2"), arch.startswith(ARCH_SD_V2_768_V)
+
+
+def tool_output_metadata(
+    kind: str,
+    output: Union[str, os.PathLike],
+    v2: Optional[bool] = None,
+    v_parameterization: Optional[bool] = None,
+    sources: Sequence[Mapping[str, str]] = (),
+    merged_from: Sequence[Union[str, os.PathLike]] = (),
+    timestamp: Optional[float] = None,
+) -> dict[str, str]:
+    """The `modelspec.*` keys of a file written by a LoRA / model tool (resize, merge, extract).
+
+    Title is the output's file stem and the date is now (as sd-scripts' tools write them);
+    `merged_from` lists the inputs' stems when several were combined. With exactly one source
+    its descriptive keys (author, license, trigger phrase, ...) and resolution are kept. v2 /
+    v-parameterization default to what the first source's metadata states.
+    """
+    import time
+
+    first = sources[0] if sources else {}
+    stated_v2, stated_v = base_model_of(first)
+    v2 = stated_v2 if v2 is None else v2
+    v_parameterization = stated_v if v_parameterization is None else v_parameterization
+    extra: dict[str, Any] = {}
+    resolution = None
+    if len(sources) == 1:
+        extra = {key: first.get(f"modelspec.{key}") for key in _CARRIED_KEYS}
+        res = first.get("modelspec.resolution", "")
+        resolution = [int(p) for p in res.split("x")] if re.fullmatch(r"\d+x\d+", res) else None
+    if merged_from:
+        extra["merged_from"] = ", ".join(os.path.splitext(os.path.basename(str(p)))[0] for p in merged_from)
+    return build_metadata(
+        kind, v2, v_parameterization, time.time() if timestamp is None else timestamp,
+        title=os.path.splitext(os.path.basename(str(output)))[0], resolution=resolution, extra=extra,
+    )
+
+
+def with_tool_modelspec(
+    metadata: Mapping[str, str], kind: str, output: Union[str, os.PathLike], **spec: Any
+) -> dict[str, str]:
+    """`metadata` with its `modelspec.*` keys replaced by `tool_output_metadata(kind, output, **spec)`."""
+    kept = {k: v for k, v in metadata.items() if not k.startswith("modelspec.")}
+    return {**kept, **tool_output_metadata(kind, output, **spec)}
 
 
 def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:

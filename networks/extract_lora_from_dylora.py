@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from library import modelspec  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from networks.dylora_extract import cut_file_name, dylora_cuts  # noqa: E402
 from library.lora_modules import (  # noqa: E402
@@ -54,6 +55,7 @@ def split(args: argparse.Namespace) -> list[Path]:
     with atomic_lora_outputs(targets) as temporary:
         for target, (rank, state_dict, meta) in zip(targets, cuts):
             logger.info("rank %d -> %s", rank, target)
+            meta = modelspec.with_tool_modelspec(meta, modelspec.LORA, target, sources=[metadata])
             write_lora_tensors(temporary[target], state_dict, None, meta, as_safetensors)
     return targets
 

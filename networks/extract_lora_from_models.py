@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from library import lora_extract, lora_svd, lora_tool_args  # noqa: E402
+from library import lora_extract, lora_svd, lora_tool_args, modelspec  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_modules import check_distinct_output, check_lora_output, write_lora  # noqa: E402
@@ -55,8 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     modules, v2 = lora_extract.extract_modules(
         args.model_org, args.model_tuned, args.dim, args.conv_dim, args.v2, args.clamp_quantile, args.min_diff, device
     )
-    metadata = {} if args.no_metadata else lora_extract.extract_metadata(
-        modules, v2, args.model_org, args.model_tuned, args.dim, args.conv_dim
+    metadata = {} if args.no_metadata else modelspec.with_tool_modelspec(
+        lora_extract.extract_metadata(modules, v2, args.model_org, args.model_tuned, args.dim, args.conv_dim),
+        modelspec.LORA, save_to, v2=v2,
     )
     write_lora(save_to, modules, save_dtype or torch.float32, metadata)
     print(f"saved {save_to} ({len(modules)} modules)")

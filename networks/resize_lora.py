@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from library import lora_resize, lora_svd, lora_tool_args  # noqa: E402
+from library import lora_resize, lora_svd, lora_tool_args, modelspec  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_modules import check_distinct_output, check_lora_output, read_lora, write_lora  # noqa: E402
@@ -62,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         lora, args.new_rank, args.new_conv_rank, args.dynamic_method, args.dynamic_param, device
     )
     metadata = lora_resize.resized_metadata(lora, resized, args.dynamic_method, args.dynamic_param)
+    metadata = modelspec.with_tool_modelspec(metadata, modelspec.LORA, save_to, sources=[lora.metadata])
     write_lora(save_to, resized, save_dtype or torch.float32, metadata)
     if args.verbose:
         for line in lora_resize.verbose_lines(stats):

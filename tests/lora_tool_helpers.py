@@ -2,6 +2,8 @@
 loading a LoRA file into diffusers while recording every warning it logs."""
 from __future__ import annotations
 
+import re
+
 import copy
 import importlib.util
 import logging
@@ -31,6 +33,15 @@ def load_script(relative: str) -> Any:
 def run_script(relative: str, argv: Sequence[str]) -> int:
     """Exit status of the script run in-process through run_main (errors print one line)."""
     return run_main(load_script(relative).main, [str(a) for a in argv])
+
+
+def assert_modelspec(metadata: dict, architecture: str, title: str, merged_from: Optional[str] = None) -> None:
+    """The `modelspec.*` keys a LoRA / model tool writes: architecture, title (output stem), date, merged_from."""
+    assert metadata["modelspec.sai_model_spec"] == "1.0.1"
+    assert metadata["modelspec.architecture"] == architecture
+    assert metadata["modelspec.title"] == title
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", metadata["modelspec.date"])
+    assert metadata.get("modelspec.merged_from") == merged_from
 
 
 def make_lora(

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from library.cli import run_main
 from library.errors import UserError
 from lora_helpers import randomize_up, te_output, unet_output
-from lora_tool_helpers import assert_rel_close, diffusers_lora_outputs
+from lora_tool_helpers import assert_modelspec, assert_rel_close, diffusers_lora_outputs
 from networks import dylora, lora
 from networks.extract_lora_from_dylora import main
 
@@ -70,6 +70,7 @@ def test_cuts_equal_the_dylora_at_their_rank(dylora_file, tiny_models_v1, tmp_pa
         assert alphas == {3.0}  # alpha kept, so the scale becomes alpha / rank
         assert meta["ss_network_dim"] == str(rank) and meta["ss_network_alpha"] == "3.0"
         assert meta["ss_training_comment"] == f"split from DyLoRA, rank 6 to {rank}; tiny"
+        assert_modelspec(meta, "stable-diffusion-v1/lora", path.stem)
         assert len(meta["sshs_model_hash"]) == 64
 
         want_u, want_t = _dylora_outputs(dylora_file, tiny_models_v1, rank)

@@ -11,7 +11,7 @@ import torch
 from library.lora_modules import read_lora
 from library.model_util import load_target_model, save_stable_diffusion_checkpoint
 from lora_helpers import randomize_up
-from lora_tool_helpers import assert_diffusers_matches, run_script
+from lora_tool_helpers import assert_diffusers_matches, assert_modelspec, run_script
 from networks import lora
 from networks.lora_keys import find_unet_layers
 
@@ -58,6 +58,7 @@ def test_recovers_a_known_low_rank_difference(v2, tiny_models_v1, tiny_models_v2
     meta = extracted.metadata
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "3"
     assert meta["ss_v2"] == str(v2) and '"conv_dim": "2"' in meta["ss_network_args"]
+    assert_modelspec(meta, f"stable-diffusion-{'v2-512' if v2 else 'v1'}/lora", "extracted")
     assert meta["sshs_model_hash"]
     assert_diffusers_matches(models, out, v2)
 

@@ -11,7 +11,7 @@ from library.lora_modules import read_lora
 from library.model_util import load_target_model
 from library.safetensors_stream import TensorSpec, write_streaming
 from lora_helpers import te_output, unet_output
-from lora_tool_helpers import apply_loras, assert_diffusers_matches, make_lora, run_script
+from lora_tool_helpers import apply_loras, assert_diffusers_matches, assert_modelspec, make_lora, run_script
 
 SCRIPT = "networks/merge_lora.py"
 
@@ -47,6 +47,7 @@ def test_merge_into_single_file_equals_runtime_v1(tiny_models_v1, tiny_model_fil
         assert set(merged.keys()) == set(source.keys())
         key = "first_stage_model.decoder.conv_out.weight"
         assert torch.equal(merged.get_tensor(key), source.get_tensor(key))
+        assert_modelspec(merged.metadata(), "stable-diffusion-v1", "merged", f"{tiny_model_files_v1['safetensors'].stem}, a, b")
 
 
 def test_merge_into_v2_ckpt_fused_qkv(tiny_models_v2, tiny_model_files_v2, tmp_path):
@@ -78,6 +79,7 @@ def test_lora_plus_lora_concat_is_sum_of_products(tiny_models_v1, lora_pair_v1, 
         assert_close(module.delta2d(), want)
         assert module.rank == sum(f.modules[name].rank for f in (a, b) if name in f.modules)
     assert merged.metadata["ss_network_module"] == "networks.lora"
+    assert_modelspec(merged.metadata, "stable-diffusion-v1/lora", "concat", "a, b")
     assert_diffusers_matches(tiny_models_v1, out)
 
 

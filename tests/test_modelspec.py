@@ -77,3 +77,23 @@ def test_lora_file_carries_modelspec_beside_ss_keys(tmp_path):
     assert meta["modelspec.resolution"] == "64x64"
     assert meta["modelspec.author"] == "tester"
     assert meta["ss_network_module"] == "networks.lora" and "sshs_model_hash" in meta
+
+
+def test_tool_output_metadata_reads_the_base_model_and_carries_one_inputs_keys():
+    v2_768 = {"ss_v2": "True", "ss_v_parameterization": "True", "modelspec.author": "me", "modelspec.resolution": "768x640"}
+    spec = modelspec.tool_output_metadata(modelspec.LORA, "out/resized.safetensors", sources=[v2_768], timestamp=0)
+    assert spec["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert spec["modelspec.prediction_type"] == "v"
+    assert spec["modelspec.title"] == "resized" and spec["modelspec.author"] == "me"
+    assert spec["modelspec.resolution"] == "768x640"
+    # architecture from modelspec.architecture when there are no ss_* keys; merged inputs carry nothing
+    from_spec = {"modelspec.architecture": "stable-diffusion-v2-512/lora", "modelspec.author": "me"}
+    merged = modelspec.tool_output_metadata(
+        modelspec.LORA, "m.safetensors", sources=[from_spec, {}], merged_from=["a/x.safetensors", "y.pt"], timestamp=0
+    )
+    assert merged["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+    assert merged["modelspec.merged_from"] == "x, y" and "modelspec.author" not in merged
+    # with_tool_modelspec replaces every old modelspec key and keeps the rest
+    old = {"ss_network_dim": "4", "modelspec.title": "old", "modelspec.merged_from": "stale"}
+    new = modelspec.with_tool_modelspec(old, modelspec.LORA, "new.safetensors", v2=False)
+    assert new["ss_network_dim"] == "4" and new["modelspec.title"] == "new" and "modelspec.merged_from" not in new

@@ -11,7 +11,7 @@ import torch
 from library import lora_svd
 from library.lora_modules import read_lora
 from library.model_hash import addnet_hash_safetensors
-from lora_tool_helpers import assert_diffusers_matches, make_lora, run_script
+from lora_tool_helpers import assert_diffusers_matches, assert_modelspec, make_lora, run_script
 
 SCRIPT = "networks/resize_lora.py"
 
@@ -21,7 +21,8 @@ def c3lier_file(tiny_models_v1, tmp_path_factory):
     """A rank-6 LoRA with rank-4 3x3 conv modules and a training comment."""
     path = tmp_path_factory.mktemp("resize") / "c3lier.safetensors"
     return make_lora(tiny_models_v1, path, dim=6, alpha=3.0, conv_dim=4, conv_alpha=2.0,
-                     metadata={"ss_training_comment": "my comment", "ss_network_args": json.dumps({"conv_dim": "4", "conv_alpha": "2.0"})})
+                     metadata={"ss_training_comment": "my comment", "modelspec.author": "someone", "modelspec.title": "old title",
+                               "ss_v2": "False", "ss_network_args": json.dumps({"conv_dim": "4", "conv_alpha": "2.0"})})
 
 
 def best_rank_r(delta: torch.Tensor, rank: int) -> torch.Tensor:
@@ -47,6 +48,8 @@ def test_fixed_rank_equals_direct_svd_and_metadata(c3lier_file, tmp_path, capsys
     assert meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "1.5"  # 3.0/6 · 3
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}  # 2.0/4 · 2
     assert meta["ss_training_comment"] == "dimension is resized from 6 to 3; my comment"
+    assert_modelspec(meta, "stable-diffusion-v1/lora", "r3")
+    assert meta["modelspec.author"] == "someone"  # descriptive keys of the one input are kept
     with open(out, "rb") as stream:
         assert meta["sshs_model_hash"] == addnet_hash_safetensors(stream)
     assert meta["sshs_model_hash"] != read_lora(c3lier_file).metadata["sshs_model_hash"]

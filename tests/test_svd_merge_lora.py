@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from library.lora_modules import read_lora
-from lora_tool_helpers import assert_diffusers_matches, make_lora, run_script
+from lora_tool_helpers import assert_diffusers_matches, assert_modelspec, make_lora, run_script
 
 SCRIPT = "networks/svd_merge_lora.py"
 
@@ -37,6 +37,7 @@ def test_within_the_rank_bound(tiny_models_v1, two_loras, tmp_path):
         assert error <= bound * (1 + 1e-3) + 1e-7
         assert error < 0.9 * float(torch.linalg.matrix_norm(target))  # and it is a real approximation
     assert merged.metadata["ss_network_dim"] == "5"
+    assert_modelspec(merged.metadata, "stable-diffusion-v1/lora", "svd", "a, b")
     assert_diffusers_matches(tiny_models_v1, out)
 
 
