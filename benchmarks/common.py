@@ -8,6 +8,7 @@ itself so that pages shared with this parent are not counted.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,6 +147,9 @@ runpy.run_path(target, run_name="__main__")
 """
 
 
+_REPORT_NUMBERS = itertools.count()
+
+
 def run_measured(
     argv: Sequence[str],
     ctx: Context,
@@ -155,7 +160,8 @@ def run_measured(
 
     Returns the exit status, wall time, peak RSS (MiB) and the captured output.
     """
-    report = ctx.out_dir / f".peak_rss_{os.getpid()}.txt"
+    # unique per call, also across threads of one process
+    report = ctx.out_dir / f".peak_rss_{os.getpid()}_{threading.get_ident()}_{next(_REPORT_NUMBERS)}.txt"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.unlink(missing_ok=True)
     start = time.perf_counter()
