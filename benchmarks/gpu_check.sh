@@ -14,7 +14,6 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(dirname "$here")"
 python="${PYTHON:-python3}"
 wheels="${GPU_CHECK_WHEELS:-$here/wheels}"
 
@@ -41,5 +40,5 @@ fi
 if [ "${1:-}" = "--check_packages" ]; then
     exit 0
 fi
-cd "$root"
+# relative paths in the flags (--out_dir, --json, --model) are taken from the caller's folder
 exec "$python" "$here/gpu_check.py" "$@"
