@@ -313,13 +313,20 @@ def run_probe(settings: Settings, name: str, script: str, argv: Sequence[str]) -
     measured = run_measured(["benchmarks/train_probe.py", str(report_path), script, *argv], context(settings, name),
                             timeout=settings.timeout_s)
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
-    (settings.out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (settings.out_dir / "logs" / f"{slug(name)}.log").write_text(measured.stdout + measured.stderr, encoding="utf-8")
+    save_log(settings, name, measured)
     return measured, report
 
 
+def save_log(settings: Settings, name: str, measured: Measured) -> None:
+    from library.io_util import write_text_atomic
+
+    (settings.out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(settings.out_dir / "logs" / f"{slug(name)}.log", measured.stdout + measured.stderr)
+
+
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    """A file name for a row or check name (ASCII letters, digits and `_`)."""
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in name).strip("_")
 
 
 def train_outcome(settings: Settings, name: str, script: str, argv: Sequence[str], steps: int) -> Outcome:
@@ -427,6 +434,7 @@ def generation_outcome(settings: Settings, ws: Workspace, lora: Outcome, precisi
         measured = run_measured(argv, context(settings, name), timeout=settings.timeout_s)
     except Exception as err:  # noqa: BLE001
         return Outcome(name, False, f"{type(err).__name__}: {err}", None, {})
+    save_log(settings, name, measured)
     problem = f"exit status {measured.returncode}: {last_error_line(measured.stderr)}" if measured.returncode else ""
     problem = problem or output_problem("images", outdir)
     return Outcome(name, not problem, problem, measured, {})
@@ -594,6 +602,7 @@ def generation_row(settings: Settings, model: Path) -> tuple[Row, Outcome]:
     except Exception as err:  # noqa: BLE001
         outcome = Outcome(name, False, f"{type(err).__name__}: {err}", None, {})
         return Row(SUITE_ROWS, name, params=params, metrics={"result": "FAIL"}, note=outcome.problem), outcome
+    save_log(settings, name, measured)
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
     problem = f"exit status {measured.returncode}: {last_error_line(measured.stderr)}" if measured.returncode else ""
     if not problem:
