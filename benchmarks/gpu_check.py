@@ -467,7 +467,9 @@ def run_checks(settings: Settings, ws: Workspace, pool: ThreadPoolExecutor) -> l
 # --- FLOPs ------------------------------------------------------------------------------
 def unet_training_flops(model: Path, batch: int, size: int) -> int:
     """FLOPs of one U-Net forward + backward (all weight gradients) on `batch` latents of a
-    `size`² image, counted by torch.utils.flop_counter on meta tensors (no memory, no device)."""
+    `size`² image, counted by torch.utils.flop_counter on meta tensors (no memory, no device).
+    On meta tensors attention runs as PyTorch's math path, so it counts as its matrix products:
+    the same FLOPs a fused kernel does."""
     import torch
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
@@ -631,7 +633,7 @@ def make_settings(args: argparse.Namespace, cuda: bool) -> Settings:
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     return Settings(
         out_dir=Path(args.out_dir).resolve(), cuda=cuda, smoke=smoke,
-        threads=args.threads or (1 if smoke else 4), jobs=args.jobs or (1 if smoke else 4),
+        threads=args.threads or (1 if smoke else 4), jobs=args.jobs or (2 if smoke else 4),
         check_steps=args.check_steps or (2 if smoke else 3), row_steps=args.steps or (2 if smoke else 20),
         size=64 if smoke else 512, ft_batch=2 if smoke else 16,
         gen_steps=2 if smoke else 20, gen_images=1 if smoke else 3,
