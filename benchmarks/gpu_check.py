@@ -420,16 +420,20 @@ def check_jobs(settings: Settings, ws: Workspace) -> tuple[list[CheckJob], list[
     return jobs, skips
 
 
+def generation_argv(model: Path, outdir: Path, lora: Path, precision: str) -> list[str]:
+    """gen_img_diffusers.py flags of the generator check: 2 images of 64², 4 DDIM steps, the LoRA at 1.0."""
+    argv = ["--ckpt", str(model), "--outdir", str(outdir), "--W", "64", "--H", "64", "--steps", "4", "--sampler", "ddim",
+            "--seed", "1", "--images_per_prompt", "2", "--batch_size", "2", "--network_module", "networks.lora",
+            "--network_weights", str(lora), "--network_mul", "1.0",
+            "--prompt", f"a red {TOKEN} on a blue background --n blurry"]
+    return argv + ([f"--{precision}"] if precision in ("fp16", "bf16") else [])
+
+
 def generation_outcome(settings: Settings, ws: Workspace, lora: Outcome, precision: str) -> Outcome:
     """gen_img_diffusers.py with the LoRA `lora` trained: exit 0, PNGs that load, not flat."""
     name = f"gen_img_diffusers {precision} + LoRA"
     outdir = settings.out_dir / "check_out" / slug(name)
-    argv = ["gen_img_diffusers.py", "--ckpt", str(ws.tiny_model), "--outdir", str(outdir), "--W", "64", "--H", "64",
-            "--steps", "4", "--sampler", "ddim", "--seed", "1", "--images_per_prompt", "2", "--batch_size", "2",
-            "--network_module", "networks.lora", "--network_weights", str(lora.report.get("final_model_path")),
-            "--network_mul", "1.0", "--prompt", f"a red {TOKEN} on a blue background --n blurry"]
-    if precision in ("fp16", "bf16"):
-        argv.append(f"--{precision}")
+    argv = ["gen_img_diffusers.py", *generation_argv(ws.tiny_model, outdir, Path(lora.report.get("final_model_path", "")), precision)]
     try:
         measured = run_measured(argv, context(settings, name), timeout=settings.timeout_s)
     except Exception as err:  # noqa: BLE001
@@ -539,52 +543,68 @@ def phase_metrics(report: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def lora_rows(settings: Settings, ws: Workspace, model: Path) -> list[tuple[Row, Outcome]]:
+@dataclass
+class RowRun:
+    """One training row: what runs and how it is reported. `optional` rows give way to the time budget."""
+
+    name: str
+    script: str
+    argv: list[str]
+    params: dict[str, Any]
+    optional: bool = False
+    flops_per_step: Optional[int] = None
+
+
+def lora_plan(settings: Settings, ws: Workspace, model: Path) -> list[RowRun]:
+    """LoRA 512², batch 1, each row precision, gradient checkpointing, SDPA; then the optional variants."""
     images = (ws.row_db_images, ws.row_ft_images, ws.row_ft_meta)
-    steps = settings.row_steps
-    results = []
-    variants: list[tuple[str, str, list[str]]] = [
-        (f"LoRA {settings.size}² b1 {p}", p, [*PRECISIONS[p], "--gradient_checkpointing", "--sdpa"]) for p in settings.row_precisions
-    ]
+    base = ["--gradient_checkpointing", "--sdpa"]
+    variants = [(f"LoRA {settings.size}² b1 {p}", p, [*PRECISIONS[p], *base], False) for p in settings.row_precisions]
     if settings.cuda:
         best = settings.row_precisions[-1]
-        base = [*PRECISIONS[best], "--gradient_checkpointing", "--sdpa"]
-        variants.append((f"LoRA {settings.size}² b1 {best} fused AdamW", best, [*base, "--optimizer_args", "fused=True"]))
-        for flag, extra in (("channels_last", ["--channels_last"]), ("torch_compile", ["--torch_compile"])):
+        best_flags = [*PRECISIONS[best], *base]
+        variants.append((f"LoRA {settings.size}² b1 {best} fused AdamW", best, [*best_flags, "--optimizer_args", "fused=True"], True))
+        for flag in ("channels_last", "torch_compile"):  # measured once the trainers have such flags
             if flag_supported("train_network.py", flag):
-                variants.append((f"LoRA {settings.size}² b1 {best} {flag}", best, [*base, *extra]))
-    for index, (name, precision, extra) in enumerate(variants):
-        if index >= len(settings.row_precisions) and settings.over_budget():
-            results.append((Row(SUITE_ROWS, name, metrics={"result": "skipped: time budget"}), None))
-            continue
+                variants.append((f"LoRA {settings.size}² b1 {best} {flag}", best, [*best_flags, f"--{flag}"], True))
+    runs = []
+    for name, precision, extra, optional in variants:
         out = settings.out_dir / "row_out" / slug(name)
-        argv = trainer_argv("train_network.py", model, images, out, settings.size, 1, steps, extra)
+        argv = trainer_argv("train_network.py", model, images, out, settings.size, 1, settings.row_steps, extra)
         params = {"script": "train_network.py", "resolution": settings.size, "batch": 1, "precision": precision,
                   "flags": shlex.join(extra), "target_alloc_bytes": LORA_TARGET_BYTES}
-        results.append(training_row(settings, name, "train_network.py", argv, steps, params))
-    return results
+        runs.append(RowRun(name, "train_network.py", argv, params, optional))
+    return runs
 
 
-def fine_tune_rows(settings: Settings, ws: Workspace, model: Path) -> list[tuple[Row, Outcome]]:
+def fine_tune_plan(settings: Settings, ws: Workspace, model: Path, flops_per_step: Optional[int]) -> list[RowRun]:
+    """Full U-Net fine-tune (fine_tune.py, text encoder frozen), batch 16, bf16, SDPA; then fused AdamW."""
     images = (ws.row_db_images, ws.row_ft_images, ws.row_ft_meta)
-    steps, batch = settings.row_steps, settings.ft_batch
+    batch = settings.ft_batch
     precision = "bf16" if settings.cuda else "fp32"
-    flops = unet_training_flops(model, batch, settings.size)
     base = [*PRECISIONS[precision], "--sdpa", "--save_precision", "bf16" if settings.cuda else "float"]
-    variants = [(f"full U-Net fine-tune {settings.size}² b{batch} {precision}", base)]
+    variants = [(f"full U-Net fine-tune {settings.size}² b{batch} {precision}", base, False)]
     if settings.cuda:
         variants.append((f"full U-Net fine-tune {settings.size}² b{batch} {precision} fused AdamW",
-                         [*base, "--optimizer_args", "fused=True"]))
-    results = []
-    for index, (name, extra) in enumerate(variants):
-        if index and settings.over_budget():
-            results.append((Row(SUITE_ROWS, name, metrics={"result": "skipped: time budget"}), None))
-            continue
+                         [*base, "--optimizer_args", "fused=True"], True))
+    runs = []
+    for name, extra, optional in variants:
         out = settings.out_dir / "row_out" / slug(name)
-        argv = trainer_argv("fine_tune.py", model, images, out, settings.size, batch, steps, extra)
+        argv = trainer_argv("fine_tune.py", model, images, out, settings.size, batch, settings.row_steps, extra)
         params = {"script": "fine_tune.py", "resolution": settings.size, "batch": batch, "precision": precision,
                   "flags": shlex.join(extra), "target_mfu": MFU_TARGET}
-        results.append(training_row(settings, name, "fine_tune.py", argv, steps, params, flops_per_step=flops))
+        runs.append(RowRun(name, "fine_tune.py", argv, params, optional, flops_per_step))
+    return runs
+
+
+def run_rows(settings: Settings, runs: Sequence[RowRun]) -> list[tuple[Row, Optional[Outcome]]]:
+    results: list[tuple[Row, Optional[Outcome]]] = []
+    for run in runs:
+        if run.optional and settings.over_budget():
+            results.append((Row(SUITE_ROWS, run.name, params=run.params, metrics={"result": "skipped: time budget"}), None))
+            continue
+        results.append(training_row(settings, run.name, run.script, run.argv, settings.row_steps, dict(run.params),
+                                    run.flops_per_step))
     return results
 
 
@@ -642,15 +662,25 @@ def make_settings(args: argparse.Namespace, cuda: bool) -> Settings:
     )
 
 
+def counted_flops(settings: Settings, model: Path) -> Optional[int]:
+    """unet_training_flops of the fine-tune row, or None (logged) when the model cannot be read:
+    the row's own run then reports what is wrong with it."""
+    try:
+        return unet_training_flops(model, settings.ft_batch, settings.size)
+    except Exception as err:  # noqa: BLE001
+        logger.warning("U-Net FLOPs not counted: %s: %s", type(err).__name__, err)
+        return None
+
+
 def run(settings: Settings) -> tuple[list[Row], list[Outcome]]:
     """Every part asked for; (table rows, outcomes that decide the exit status)."""
     rows: list[Row] = []
     outcomes: list[Outcome] = []
     ws = build_workspace(settings)
-    needs_model = any(part in settings.parts for part in PARTS[1:])
+    row_parts = [part for part in PARTS[1:] if part in settings.parts]
     with ThreadPoolExecutor(max_workers=max(1, settings.jobs)) as pool:
         # the full-size model is written while the (small) checks run
-        model_future = pool.submit(full_model, settings) if needs_model else None
+        model_future = pool.submit(full_model, settings) if row_parts else None
         if "checks" in settings.parts:
             for item in run_checks(settings, ws, pool):
                 if isinstance(item, Outcome):
@@ -658,16 +688,18 @@ def run(settings: Settings) -> tuple[list[Row], list[Outcome]]:
                     rows.append(item.row())
                 else:
                     rows.append(item)
-        model = model_future.result() if model_future is not None else None
-    row_parts: list[tuple[str, Callable[[], list[tuple[Row, Optional[Outcome]]]]]] = [
-        ("lora", lambda: lora_rows(settings, ws, model)),
-        ("fine_tune", lambda: fine_tune_rows(settings, ws, model)),
-        ("generation", lambda: [generation_row(settings, model)]),
-    ]
-    for part, make_rows in row_parts:
-        if part not in settings.parts:
-            continue
-        for row, outcome in make_rows():
+        try:
+            model = model_future.result() if model_future is not None else None
+        except Exception as err:  # noqa: BLE001 - no model, no rows; the checks above still count
+            failed = Outcome("random SD 1.5 model", False, f"{type(err).__name__}: {err}", None, {})
+            return [*rows, failed.row()], [*outcomes, failed]
+    makers: dict[str, Callable[[], list[tuple[Row, Optional[Outcome]]]]] = {
+        "lora": lambda: run_rows(settings, lora_plan(settings, ws, model)),
+        "fine_tune": lambda: run_rows(settings, fine_tune_plan(settings, ws, model, counted_flops(settings, model))),
+        "generation": lambda: [generation_row(settings, model)],
+    }
+    for part in row_parts:
+        for row, outcome in makers[part]():
             rows.append(row)
             if outcome is not None:
                 outcomes.append(outcome)

@@ -215,3 +215,42 @@ def test_every_flag_is_documented():
         source = Path(module.__file__).read_text(encoding="utf-8")
         for flag in re.findall(r'add_argument\("(--[a-z_]+)"', source):
             assert f"`{flag}`" in body, f"{flag} is not in the {section} section of docs/benchmarks.md"
+
+
+# --- the CUDA plan, checked here -----------------------------------------------------------
+def cuda_settings(tmp_path: Path) -> "gpu_check.Settings":
+    args = gpu_check.setup_parser().parse_args(["--out_dir", str(tmp_path)])
+    return gpu_check.make_settings(args, cuda=True)
+
+
+def test_cuda_plan_command_lines_pass_the_trainers_flag_checks(tmp_path, monkeypatch):
+    """What only a CUDA machine runs is at least parsed and checked here, so its first run does
+    not stop at a flag: every correctness run, every row, the generator check."""
+    import importlib
+
+    from library import gen_args, train_util
+
+    monkeypatch.setattr(gpu_check, "importable", lambda module: False)  # no xformers / bitsandbytes
+    settings = cuda_settings(tmp_path)
+    assert (settings.size, settings.ft_batch, settings.row_steps, settings.jobs) == (512, 16, 20, 4)
+    ws = gpu_check.Workspace(*(tmp_path / name for name in ("tiny.safetensors", "db", "ft", "meta.json", "rdb", "rft", "rmeta.json")))
+    jobs, skips = gpu_check.check_jobs(settings, ws)
+    names = [job.name for job in jobs]
+    assert len(names) == 5 * 4 + 3 and "train_textual_inversion_XTI full_fp16" in names and "train_network bf16 Prodigy" in names
+    assert {row.metrics["result"] for row in skips} == {"skipped: xformers not importable", "skipped: bitsandbytes not importable"}
+    model = tmp_path / "sd15.safetensors"
+    rows = gpu_check.lora_plan(settings, ws, model) + gpu_check.fine_tune_plan(settings, ws, model, 10**12)
+    assert [run.name for run in rows] == [
+        "LoRA 512² b1 fp16", "LoRA 512² b1 bf16", "LoRA 512² b1 bf16 fused AdamW",
+        "full U-Net fine-tune 512² b16 bf16", "full U-Net fine-tune 512² b16 bf16 fused AdamW",
+    ]
+    for script, argv in [(job.script, job.argv) for job in jobs] + [(run.script, run.argv) for run in rows]:
+        module = importlib.import_module(Path(script).stem)
+        args = train_util.parse_args_with_config(module.setup_parser(), argv)
+        train_util.verify_training_args(args)
+    lora_row = train_util.parse_args_with_config(importlib.import_module("train_network").setup_parser(), rows[1].argv)
+    assert (lora_row.mixed_precision, lora_row.gradient_checkpointing, lora_row.sdpa, lora_row.train_batch_size) == ("bf16", True, True, 1)
+    assert train_util.parse_args_with_config(importlib.import_module("fine_tune").setup_parser(), rows[4].argv).optimizer_args == ["fused=True"]
+    for precision in ("fp16", "bf16"):
+        generation = gen_args.parse_args(gpu_check.generation_argv(model, tmp_path / "gen", tmp_path / "lora.safetensors", precision))
+        assert getattr(generation, precision) and generation.network_module == ["networks.lora"]
