@@ -672,8 +672,14 @@ def counted_flops(settings: Settings, model: Path) -> Optional[int]:
         return None
 
 
-def run(settings: Settings) -> tuple[list[Row], list[Outcome]]:
-    """Every part asked for; (table rows, outcomes that decide the exit status)."""
+def run(settings: Settings, on_part_done: Optional[Callable[[list[Row]], None]] = None) -> tuple[list[Row], list[Outcome]]:
+    """Every part asked for; (table rows, outcomes that decide the exit status). `on_part_done`
+    gets the rows so far after each part (the JSON is rewritten then, so a run killed at a time
+    limit still leaves what it measured)."""
+    def done() -> None:
+        if on_part_done is not None:
+            on_part_done(list(rows))
+
     rows: list[Row] = []
     outcomes: list[Outcome] = []
     ws = build_workspace(settings)
@@ -688,6 +694,7 @@ def run(settings: Settings) -> tuple[list[Row], list[Outcome]]:
                     rows.append(item.row())
                 else:
                     rows.append(item)
+            done()
         try:
             model = model_future.result() if model_future is not None else None
         except Exception as err:  # noqa: BLE001 - no model, no rows; the checks above still count
@@ -703,6 +710,7 @@ def run(settings: Settings) -> tuple[list[Row], list[Outcome]]:
             rows.append(row)
             if outcome is not None:
                 outcomes.append(outcome)
+        done()
     return rows, outcomes
 
 
@@ -743,15 +751,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("no CUDA device: this check is for CUDA machines (use --cpu_smoke to run its code path on CPU)")
     settings = make_settings(args, cuda and not args.cpu_smoke)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    rows, outcomes = run(settings)
+    command = ("python3 benchmarks/gpu_check.py " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
+    json_path = Path(args.json) if args.json else settings.out_dir / "gpu_check.json"
+    rows, outcomes = run(settings, lambda so_far: write_json(so_far, json_path, command + "  (partial)"))
     print(format_table(rows))
     failed = [o for o in outcomes if not o.ok]
     for outcome in failed:
         print(f"FAILED {outcome.name}: {outcome.problem}")
         if outcome.measured is not None and outcome.measured.stderr.strip():
             print("  " + "\n  ".join(outcome.measured.stderr.strip().splitlines()[-15:]))
-    command = "python3 benchmarks/gpu_check.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    path = write_json(rows, Path(args.json) if args.json else settings.out_dir / "gpu_check.json", command.strip())
+    path = write_json(rows, json_path, command)
     print(f"{len(outcomes) - len(failed)} of {len(outcomes)} checks and rows passed in {settings.elapsed():.0f} s; wrote {path}")
     return 1 if failed else 0
 
