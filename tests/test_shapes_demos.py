@@ -25,6 +25,8 @@ from library.shape_scenes import judge_image, SHAPES  # noqa: E402
 
 ROOT = train_helpers.REPO_ROOT
 DEMO = ROOT / "examples" / "shapes_demo"
+# 2 steps instead of 10 epochs (0 epochs: the demo's max_train_epochs no longer overrides the steps)
+QUICK = ["--max_train_epochs", "0", "--max_train_steps", "2"]
 
 
 def test_committed_pictures_are_the_generators(tmp_path):
@@ -67,7 +69,7 @@ def test_readme_demo_runs(tmp_path, monkeypatch):
     assert argv == ["--config_file", "examples/shapes_demo/lora.toml"]
     monkeypatch.chdir(ROOT)  # the demo's paths are relative to the repository root
     out = tmp_path / "lora"
-    assert run_main(train_network.main, [*argv, "--output_dir", str(out), "--logging_dir", str(tmp_path / "logs"), "--max_train_steps", "2"]) == 0
+    assert run_main(train_network.main, [*argv, "--output_dir", str(out), "--logging_dir", str(tmp_path / "logs"), *QUICK]) == 0
     assert (out / "sks_star.safetensors").is_file()
     first = [name for name in _samples(out) if "_e000000_" in name]  # --sample_at_first: step 0
     assert len(first) == 4, _samples(out)
@@ -79,7 +81,7 @@ def test_readme_demo_runs(tmp_path, monkeypatch):
 def test_db_and_ti_demos_run(tmp_path, monkeypatch, script, config, output):
     monkeypatch.chdir(ROOT)
     out = tmp_path / script
-    argv = ["--config_file", f"examples/shapes_demo/{config}", "--output_dir", str(out), "--max_train_steps", "2"]
+    argv = ["--config_file", f"examples/shapes_demo/{config}", "--output_dir", str(out), *QUICK]
     if script == "db":
         argv += ["--logging_dir", str(tmp_path / "logs")]
     module = train_db if script == "db" else train_textual_inversion
