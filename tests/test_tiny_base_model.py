@@ -53,32 +53,58 @@ def test_losses_fall(toy_run):
 
 
 def test_saved_file_loads_as_sd1_in_our_loader_and_diffusers(toy_run, tmp_path):
-    from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
-
-    from library.model_util import save_diffusers_checkpoint
 
     with safe_open(str(toy_run.path), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
         metadata = f.metadata()
     assert dtypes == {torch.float16}
     assert '"resolution": 16' in metadata["tiny_base_model.config"]
-    models = load_target_model(toy_run.path)
-    assert not models.v2
+    models = _load_in_ours_and_diffusers(toy_run.path, tmp_path)
     assert list(models.unet.config.block_out_channels) == [32, 32, 32, 32]
     assert models.text_encoder.config.hidden_size == 32 and models.text_encoder.config.num_hidden_layers == 1
-    # the rebuilt model computes what the trained one would: rebuild it from the same seed
-    # and compare against diffusers reading the same file
+
+
+def _load_in_ours_and_diffusers(path, tmp_path):
+    """Load an SD 1.x file with load_target_model and with diffusers' from_single_file (given a
+    config folder written from our load); both must hold the same weights. Returns ours."""
+    from diffusers import StableDiffusionPipeline
+
+    from library.model_util import save_diffusers_checkpoint
+
+    models = load_target_model(path)
+    assert not models.v2
     config_dir = save_diffusers_checkpoint(False, tmp_path / "cfg", models.text_encoder, models.unet, models.vae)
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(toy_run.path), config=str(config_dir), local_files_only=True, safety_checker=None
-    )
+    pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True, safety_checker=None)
     for name in ("unet", "vae", "text_encoder"):
         ours = getattr(models, name).state_dict()
         theirs = getattr(pipe, name).state_dict()
-        for key, value in ours.items():
-            if key in theirs:
-                assert torch.equal(value.float(), theirs[key].float()), (name, key)
+        shared = [key for key in ours if key in theirs]
+        assert len(shared) >= 0.9 * len(ours), name
+        for key in shared:
+            assert torch.equal(ours[key].float(), theirs[key].float()), (name, key)
+    return models
+
+
+def test_shipped_model_file(tmp_path):
+    """models/tiny_shapes_sd.safetensors: the documented command's defaults, fp16, at most 25 MB,
+    and it loads in our loader and in diffusers."""
+    import json
+    from dataclasses import asdict
+
+    from safetensors import safe_open
+
+    from library.shape_quality import SHIPPED_MODEL
+
+    assert SHIPPED_MODEL.stat().st_size <= 25_000_000
+    with safe_open(str(SHIPPED_MODEL), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        metadata = f.metadata()
+    assert dtypes == {"F16"}
+    assert json.loads(metadata["tiny_base_model.config"]) == json.loads(json.dumps(asdict(TinyBaseConfig())))
+    models = _load_in_ours_and_diffusers(SHIPPED_MODEL, tmp_path)
+    assert list(models.unet.config.block_out_channels) == list(TinyBaseConfig().unet_channels)
+    assert models.unet.config.cross_attention_dim == models.text_encoder.config.hidden_size == 64
 
 
 def test_rescaled_latents_fit_sd_scaling_factor(toy_run):
