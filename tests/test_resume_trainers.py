@@ -9,7 +9,8 @@ or a stop right after a state save (the others), at a mid-epoch state or an epoc
 The resumed run's final weights, and its epoch saves, must equal the uninterrupted run's bit
 for bit, with the same losses step for step.
 
-Tiny model, 32 px images, 3 images, 5 optimizer steps (3 epochs) per run.
+Tiny model, 48 px images (at 32 px some of the tiny U-Net's 32-channel maps are 1x1, which
+GroupNorm refuses to train on with batch size 1), 3 images, 5 optimizer steps (3 epochs) per run.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ FAULT_HOOKS = Path(__file__).resolve().parent / "fault_hooks"
 
 # 3 batches of one image per epoch, 2 micro-batches per step: steps 1-2 in epoch 1, 3-4 in epoch 2, 5 in epoch 3
 STRESS = [
-    "--resolution", "32", "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
+    "--resolution", "48", "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
     "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
     "--shuffle_caption", "--save_every_n_epochs", "1", "--save_every_n_steps", "3", "--save_state",
     "--max_train_steps", "5", "--seed", "42", "--optimizer_type", "AdamW", "--mixed_precision", "no",
@@ -49,7 +50,7 @@ EPOCH_END = (2, (1, 0))  # step 2: the state of epoch 1 (continues at epoch 2, b
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume_trainers")
     model = th.make_tiny_model(root)
-    img = th.make_image_folder(root / "db", count=3, size=32, repeats=1)
+    img = th.make_image_folder(root / "db", count=3, size=48, repeats=1)
     ti_img = tih.make_ti_images(root / "ti", count=3, repeats=1)
     # fine_tune.py: the same images in one folder, captions in a metadata JSON (stem keys)
     ft_img = root / "ft"
@@ -86,14 +87,9 @@ def _ti_argv(ws, out: Path, *extra: str) -> list[str]:
 
 
 def _run(script: str, argv: list[str], hooks=None) -> train_core.TrainResult:
+    """Parse `argv` as `script` does and train in this process."""
     module = __import__(script)
-    parser = module.setup_parser(xti_files=True) if script == "train_textual_inversion_XTI" else module.setup_parser()
-    args = train_util.parse_args_with_config(parser, argv)
-    if script == "train_textual_inversion_XTI":
-        from library.textual_inversion import XTIMethod
-
-        return train_core.run_training(args, XTIMethod(args), hooks)
-    return module.train(args, hooks)
+    return module.train(train_util.parse_args_with_config(module.setup_parser(), argv), hooks)
 
 
 def _equal_models(a: Path, b: Path) -> None:
@@ -116,24 +112,25 @@ def _position(state: Path) -> tuple[int, tuple[int, int]]:
     return saved["global_step"], (saved["epoch"], saved["batch_index"])
 
 
-def _kill_after_state(argv: list[str], script: str, marker_match: str, marker: Path) -> None:
-    """Run `script` in a child process and SIGKILL it when its save to a path containing
-    `marker_match` has started (the save stalls half-written: tests/fault_hooks)."""
-    env = dict(os.environ, PYTHONPATH=str(FAULT_HOOKS), REL_SLOW_SAVE_MATCH=marker_match,
+def _kill_during_save(argv: list[str], script: str, match: str, tmp: Path) -> None:
+    """Run `script` in a child process and SIGKILL it once its save to a path containing `match`
+    has started (that save stalls half-written: tests/fault_hooks)."""
+    marker, log = tmp / "save_started", tmp / "killed_run.log"
+    env = dict(os.environ, PYTHONPATH=str(FAULT_HOOKS), REL_SLOW_SAVE_MATCH=match,
                REL_SLOW_SAVE_MARKER=str(marker), OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, str(REPO / script), *argv], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        if process.poll() is not None:
-            pytest.fail(f"{script} ended before the save: {process.stderr.read().decode(errors='replace')[-2000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the save did not start in time")
-        time.sleep(0.1)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    process.stderr.close()
+    with log.open("wb") as output:  # a file, not a pipe: a full pipe would stall the child
+        process = subprocess.Popen([sys.executable, str(REPO / script), *argv], cwd=REPO, env=env,
+                                   stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            if process.poll() is not None:
+                pytest.fail(f"{script} ended before the save: {log.read_text(encoding='utf-8', errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("the save did not start in time")
+            time.sleep(0.1)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
 
 
@@ -144,7 +141,7 @@ def test_train_db_sigkilled_then_resumed_from_output_folder(ws, tmp_path):
     full = _run("train_db", _db_argv(ws, tmp_path / "full", *extra))
     out = tmp_path / "run"
     # killed while writing the epoch-2 model, after the step-3 state was complete
-    _kill_after_state(_db_argv(ws, out, *extra), "train_db.py", ".db-000002.", tmp_path / "killed")
+    _kill_during_save(_db_argv(ws, out, *extra), "train_db.py", ".db-000002.", tmp_path)
     assert not (out / "db-000002.safetensors").exists()
     assert _position(out / "db-step00000003-state") == MID_EPOCH
     resumed = _run("train_db", _db_argv(ws, out, *extra, "--resume", str(out)))  # the latest state is picked
@@ -156,7 +153,8 @@ def test_train_db_sigkilled_then_resumed_from_output_folder(ws, tmp_path):
 @pytest.mark.parametrize("script, argv, resume_at, final, epoch_save", [
     ("fine_tune", _ft_argv, EPOCH_END, "ft.safetensors", "ft-000002.safetensors"),
     ("train_textual_inversion", _ti_argv, MID_EPOCH, "emb.safetensors", "emb-000002.safetensors"),
-], ids=["fine_tune_epoch_state", "textual_inversion_mid_epoch_state"])
+    ("train_textual_inversion_XTI", _ti_argv, EPOCH_END, "emb.safetensors", "emb-000002.safetensors"),
+], ids=["fine_tune_epoch_state", "textual_inversion_mid_epoch_state", "xti_epoch_state"])
 def test_stopped_at_a_state_then_resumed(ws, tmp_path, script, argv, resume_at, final, epoch_save):
     extra = ["--train_text_encoder"] if script == "fine_tune" else []
     full = _run(script, argv(ws, tmp_path / "full", *extra))
@@ -172,3 +170,19 @@ def test_stopped_at_a_state_then_resumed(ws, tmp_path, script, argv, resume_at, 
     compare = _equal_models if script == "fine_tune" else _equal_files
     compare(tmp_path / "full" / final, out / final)
     compare(tmp_path / "full" / epoch_save, out / epoch_save)
+
+
+def test_train_db_resumed_after_the_text_encoder_stop_with_mixed_precision(ws, tmp_path):
+    """Resumed past --stop_text_encoder_training, the text encoder keeps the float32 weights it
+    trained in (it is not cast to the bf16 of frozen models), as in the uninterrupted run."""
+    extra = ["--max_train_steps", "3", "--stop_text_encoder_training", "1",
+             "--save_every_n_steps", "2", "--save_state", "--mixed_precision", "bf16", "--max_data_loader_n_workers", "0"]
+    full = _run("train_db", _db_argv(ws, tmp_path / "full", *extra))
+    out = tmp_path / "run"
+    _run("train_db", _db_argv(ws, out, *extra), train_core.TrainHooks(stop_after_step=2))
+    seen = {}
+    resumed = _run("train_db", _db_argv(ws, out, *extra, "--resume", str(out / "db-step00000002-state")),
+                   train_core.TrainHooks(on_train_end=lambda ctx: seen.update(dtype=ctx.models.text_encoder.dtype)))
+    assert seen["dtype"] == torch.float32
+    assert resumed.step_losses == full.step_losses[2:]  # before the fix the bf16 encoder changed every loss
+    _equal_models(tmp_path / "full" / "db.safetensors", out / "db.safetensors")
