@@ -272,15 +272,6 @@ def _old_state(tmp: Path, env: Env) -> Path:
     return state
 
 
-def _resume_with_another_model(tmp: Path, env: Env) -> list[str]:
-    """The rank-8 run's settings on another base model (the tiny model with other random weights)."""
-    from library.tiny_sd import write_tiny_model
-
-    other = write_tiny_model(tmp / "m", formats=("safetensors",), seed=1)["safetensors"]
-    other = other.rename(tmp / "other.safetensors")
-    return env.train(tmp, "--network_dim", "8", "--pretrained_model_name_or_path", str(other), "--resume", str(env.state_rank8))
-
-
 def _no_temp_files_left(tmp: Path, env: Env) -> None:
     leftovers = [p.name for p in (tmp / "out").iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
@@ -409,12 +400,6 @@ ROWS: list[Row] = [
         [r"^error: --resume: state folder not found: .*gone-state"]),
     Row("resume_another_runs_state", TRAIN, lambda tmp, env: env.train(tmp, "--resume", str(env.state_rank8)),
         [r"^error: --resume: the state in .*lora-state is from another run: network_dim 8 in the state, 4 in this run"]),
-    Row("resume_state_of_another_model", TRAIN, _resume_with_another_model,
-        [r"^error: --resume: the state in .*lora-state is from another run: base model tiny_sd_v1\.safetensors \(\d+ bytes, "
-         r"hash \w+\) in the state, other\.safetensors \(\d+ bytes, hash \w+\) in this run"]),
-    Row("resume_old_state_of_another_run", TRAIN, lambda tmp, env: env.train(tmp, "--resume", str(_old_state(tmp, env))),
-        [r"^error: --resume: the state in .*old-state does not fit this run .*tensor shapes differ",
-         r"WARNING .*--resume: .*old-state records no run settings"]),
     Row("resume_old_state_of_this_run_warns", TRAIN,
         lambda tmp, env: env.train(tmp, "--network_dim", "8", "--max_train_steps", "2", "--resume", str(_old_state(tmp, env))),
         [r"WARNING .*--resume: .*old-state records no run settings \(written by an older version or by sd-scripts\)"],
