@@ -4,8 +4,9 @@ Every trainer runs once uninterrupted and once interrupted then resumed, with th
 stress resuming combined in one run: gradient accumulation 2 over an odd number of batches (the
 last step of each epoch has one micro-batch), two persistent data-loader workers, caption
 shuffle / dropout / tag dropout (where the trainer has them), `--save_every_n_epochs` and
-`--save_every_n_steps` states. The interruption is a SIGKILL of a child process (train_db.py)
-or a stop right after a state save (the others), at a mid-epoch state or an epoch-end state.
+`--save_every_n_steps` states. The interruption is a SIGKILL of a child process (train_db.py, under bf16
+and resumed past its text-encoder stop, with `--resume <output folder>`) or a stop right after
+a state save (the others), at a mid-epoch state or an epoch-end state.
 The resumed run's final weights, and its epoch saves, must equal the uninterrupted run's bit
 for bit, with the same losses step for step.
 
