@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -116,23 +115,12 @@ def _position(state: Path) -> tuple[int, tuple[int, int]]:
 def _kill_during_save(argv: list[str], script: str, match: str, tmp: Path) -> None:
     """Run `script` in a child process and SIGKILL it once its save to a path containing `match`
     has started (that save stalls half-written: tests/fault_hooks)."""
-    marker, log = tmp / "save_started", tmp / "killed_run.log"
+    marker = tmp / "save_started"
     env = dict(os.environ, PYTHONPATH=str(FAULT_HOOKS), REL_SLOW_SAVE_MATCH=match,
                REL_SLOW_SAVE_MARKER=str(marker), OMP_NUM_THREADS="1")
-    with log.open("wb") as output:  # a file, not a pipe: a full pipe would stall the child
-        process = subprocess.Popen([sys.executable, str(REPO / script), *argv], cwd=REPO, env=env,
-                                   stdout=output, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            if process.poll() is not None:
-                pytest.fail(f"{script} ended before the save: {log.read_text(encoding='utf-8', errors='replace')[-2000:]}")
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("the save did not start in time")
-            time.sleep(0.1)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    process = subprocess.Popen([sys.executable, str(REPO / script), *argv], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    th.sigkill_when_started(process, marker, timeout=300)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX-only")
