@@ -104,11 +104,14 @@ def model_identity(path: Optional[Union[str, Path]]) -> dict[str, Any]:
             source,
         )
     if weights.is_file():
-        size = weights.stat().st_size
-        identity["size"] = size
-        # the legacy hash reads nothing of a file shorter than its offset: hash small files whole
-        small = size <= model_hash.LEGACY_HASH_OFFSET + model_hash.LEGACY_HASH_LENGTH
-        identity["hash"] = (model_hash.calculate_sha256 if small else model_hash.model_hash)(weights)[:16]
+        try:
+            size = weights.stat().st_size
+            # the legacy hash reads nothing of a file shorter than its offset: hash small files whole
+            small = size <= model_hash.LEGACY_HASH_OFFSET + model_hash.LEGACY_HASH_LENGTH
+            digest = (model_hash.calculate_sha256 if small else model_hash.model_hash)(weights)[:16]
+        except OSError:  # unreadable: the model loader reports it with its own message
+            return identity
+        identity.update(size=size, hash=digest)
     return identity
 
 
