@@ -49,6 +49,8 @@ def check_metadata_images(in_json: str, train_data_dir: Optional[str]) -> None:
 
 
 class FineTuningMethod(full_model_training.FullModelTrainingMethod):
+    script_name = "fine_tune.py"
+
     def verify_args(self, args: argparse.Namespace) -> None:
         super().verify_args(args)
         if getattr(args, "dataset_config", None) is None:

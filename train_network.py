@@ -52,6 +52,11 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
     """LoRA training: the base model is frozen, the network's modules train."""
 
     tracker_name = "network_train"
+    script_name = "train_network.py"
+    #: --network_args that change the network's shape or scale (others, like dropouts and
+    #: learning-rate weights, may change when a run is resumed)
+    STRUCTURAL_NETWORK_ARGS = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims",
+                               "conv_block_alphas", "unit")
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -75,6 +80,22 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
         save_as = args.save_model_as or "safetensors"
         if save_as not in NETWORK_SAVE_FORMATS:
             raise UserError(f"--save_model_as must be one of {', '.join(NETWORK_SAVE_FORMATS)} for networks, got {save_as!r}")
+
+    def state_fingerprint(self, args: argparse.Namespace) -> dict[str, Any]:
+        dim, alpha = args.network_dim, args.network_alpha
+        if args.network_module in ("networks.lora", "networks.dylora"):
+            from networks.lora import parse_network_dim_alpha
+
+            dim, alpha = parse_network_dim_alpha(dim, alpha)  # None means the module's default
+        return {
+            "network_module": args.network_module,
+            # with --dim_from_weights the file decides; tensor shapes are checked when the state loads
+            "network_dim": "from weights" if args.dim_from_weights else dim,
+            "network_alpha": "from weights" if args.dim_from_weights else alpha,
+            "network_args": {k: v for k, v in sorted(self.network_kwargs.items()) if k in self.STRUCTURAL_NETWORK_ARGS},
+            "trains": "text encoder" if self.args.network_train_text_encoder_only
+            else "U-Net" if self.args.network_train_unet_only else "U-Net and text encoder",
+        }
 
     @property
     def train_unet(self) -> bool:

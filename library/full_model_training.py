@@ -15,7 +15,7 @@ import argparse
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -75,6 +75,8 @@ def text_encoder_stop_step(args: argparse.Namespace) -> Optional[int]:
 class FullModelTrainingMethod(train_core.TrainingMethod):
     """The U-Net (and optionally the text encoder) train; the whole model is saved."""
 
+    script_name = "train_db.py"
+
     def __init__(self, args: argparse.Namespace, train_text_encoder: bool, tracker_name: str,
                  support_dreambooth: bool = True):
         self.args = args
@@ -89,6 +91,7 @@ class FullModelTrainingMethod(train_core.TrainingMethod):
         # after the stop its parameters get no gradients
         self.ddp_find_unused_parameters = self.stop_step is not None
         self._stop_checked = False
+        self._release_at_start = False  # resumed past the text-encoder stop (set in setup)
 
     # flags -----------------------------------------------------------------------------
     def verify_args(self, args: argparse.Namespace) -> None:
@@ -108,6 +111,13 @@ class FullModelTrainingMethod(train_core.TrainingMethod):
                 f"({max_train_steps}); use a step within the run, or -1 to not train the text encoder"
             )
 
+    def state_fingerprint(self, args: argparse.Namespace) -> dict[str, Any]:
+        # the text encoder's optimizer group exists (filled or empty) only when it trains at all
+        return {
+            "trains": "U-Net and text encoder" if self.text_encoder_trained else "U-Net",
+            "stop_text_encoder_training": self.stop_step,
+        }
+
     def model_load_dtype(self, args: argparse.Namespace, weight_dtype: torch.dtype) -> torch.dtype:
         # --full_fp16/bf16 train in that dtype: loading in it avoids a float32 copy ever existing
         if getattr(args, "full_fp16", False) or getattr(args, "full_bf16", False):
@@ -123,9 +133,10 @@ class FullModelTrainingMethod(train_core.TrainingMethod):
         models = ctx.models
         models.unet.requires_grad_(True)
         resume_step = int(train_saving.read_resume_json(getattr(self.args, "resume", None)).get("global_step", 0) or 0)
-        if self.stop_step is not None and resume_step >= self.stop_step:
-            # resumed after the stop: the saved optimizer already holds no text-encoder parameters
-            self._text_encoder_active = False
+        # resumed after the stop: the saved optimizer already holds no text-encoder parameters (the
+        # group is built empty), but the encoder is set up as the uninterrupted run had it when it
+        # stopped (its float32 dtype, no cached outputs) and released at the first epoch start
+        self._release_at_start = self.stop_step is not None and resume_step >= self.stop_step
         models.text_encoder.requires_grad_(self._text_encoder_active)
         what = "the U-Net and the text encoder" if self.text_encoder_trained else "the U-Net (text encoder frozen)"
         if self.stop_step is not None:
@@ -144,7 +155,7 @@ class FullModelTrainingMethod(train_core.TrainingMethod):
         if self.text_encoder_trained:
             lr_te = args.learning_rate_te if getattr(args, "learning_rate_te", None) is not None else args.learning_rate
             # the group stays (empty) after the stop, so states saved before and after it have one layout
-            params = list(ctx.models.text_encoder.parameters()) if self._text_encoder_active else []
+            params = [] if self._release_at_start else list(ctx.models.text_encoder.parameters())
             groups.append({"params": params, "lr": lr_te})
         return groups
 
@@ -155,6 +166,10 @@ class FullModelTrainingMethod(train_core.TrainingMethod):
         if not self._stop_checked:  # the step count is known now (also with --max_train_epochs)
             self._stop_checked = True
             self._check_stop_step(ctx.max_train_steps)
+        if self._release_at_start and self._text_encoder_active:
+            release_from_optimizer(ctx.optimizer, ctx.models.text_encoder)
+            self._text_encoder_active = False
+            logger.info("resumed after step %d: the text encoder does not train (--stop_text_encoder_training)", self.stop_step)
 
     def on_step_end(self, ctx: train_core.TrainContext) -> None:
         if self._text_encoder_active and self.stop_step is not None and ctx.global_step >= self.stop_step:

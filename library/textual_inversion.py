@@ -72,6 +72,7 @@ class TextualInversionMethod(train_core.TrainingMethod):
     """Trains the embedding rows of `--token_string` (n vectors); everything else is frozen."""
 
     tracker_name = "textual_inversion"
+    script_name = "train_textual_inversion.py"
     support_dropout = False  # sd-scripts' TI dataset config has no caption dropout keys
     #: file formats `--save_model_as` accepts
     save_formats: tuple[str, ...] = SAVE_FORMATS
@@ -117,6 +118,9 @@ class TextualInversionMethod(train_core.TrainingMethod):
                     f"--init_word {args.init_word!r} has {len(init_ids)} tokens, more than "
                     f"--num_vectors_per_token {args.num_vectors_per_token}"
                 )
+
+    def state_fingerprint(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"token_string": args.token_string, "num_vectors_per_token": args.num_vectors_per_token}
 
     # captions -------------------------------------------------------------------------------
     def prepare_dataset(self, args: argparse.Namespace, dataset_group: Any) -> None:
@@ -241,6 +245,7 @@ class XTIMethod(TextualInversionMethod):
     """Extended textual inversion: n vectors per U-Net cross-attention block."""
 
     tracker_name = "textual_inversion_xti"
+    script_name = "train_textual_inversion_XTI.py"
     save_formats = ("safetensors",)
 
     def __init__(self, args: argparse.Namespace):

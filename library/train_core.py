@@ -319,6 +319,9 @@ class _Runner:
         if getattr(args, "resume", None):
             args.resume = str(resume_util.resolve_resume_path(args.resume))  # an output folder: its latest state
         resume_state = train_saving.read_resume_json(getattr(args, "resume", None))
+        self.fingerprint = resume_util.run_fingerprint(args, method)  # recorded in every state
+        if getattr(args, "resume", None):  # another run's state stops here, before data and models load
+            resume_util.check_run_fingerprint(args.resume, resume_state, self.fingerprint)
         if args.seed is None and "seed" in resume_state:
             args.seed = int(resume_state["seed"])  # a resumed run keeps the random seed it started with
         train_util.resolve_seed(args)
@@ -659,7 +662,8 @@ class _Runner:
         if micro_in_epoch >= self.batches_per_rank:  # a step that ended an epoch
             epoch, micro_in_epoch = epoch + 1, 0
         train_state = train_saving.train_state_dict(
-            ctx.global_step, epoch, micro_in_epoch, ctx.accelerator.num_processes, self.args.seed, ctx.max_train_steps
+            ctx.global_step, epoch, micro_in_epoch, ctx.accelerator.num_processes, self.args.seed, ctx.max_train_steps,
+            run=self.fingerprint,
         )
         train_saving.save_train_state(ctx.accelerator, state_dir, train_state)
 

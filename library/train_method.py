@@ -26,6 +26,8 @@ class TrainingMethod(abc.ABC):
     tracker_name: str = "train"
     #: DDP must tolerate parameters without gradients in a step (e.g. LoRA module dropout)
     ddp_find_unused_parameters: bool = False
+    #: the script this method trains for (recorded in states: `--resume` refuses another trainer's)
+    script_name: str = ""
     #: dataset sources this method accepts (passed to the dataset config sanitizer)
     support_dreambooth: bool = True
     support_finetuning: bool = True
@@ -33,6 +35,12 @@ class TrainingMethod(abc.ABC):
 
     def verify_args(self, args: argparse.Namespace) -> None:
         """Raise `UserError` for flag combinations this method cannot run."""
+
+    def state_fingerprint(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Settings a `--resume` state must share with this run, beyond the trainer and base model:
+        those that decide which parameters train and what they mean (JSON values). Compared by
+        `resume_util.check_run_fingerprint`; the default has none."""
+        return {}
 
     def prepare_dataset(self, args: argparse.Namespace, dataset_group: Any) -> None:
         """Called right after the dataset is built, before `--debug_dataset` shows it and before any

@@ -21,7 +21,7 @@ from library import train_util
 from library.errors import UserError
 from library.io_util import replace_dir
 from library.preflight import disk_errors_as_user_errors
-from library.resume_util import mismatch_message
+from library.resume_util import FINGERPRINT_KEY, mismatch_message
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +200,13 @@ def read_resume_json(state_dir: Optional[str | Path]) -> dict[str, Any]:
 
 
 def train_state_dict(
-    global_step: int, epoch: int, micro_batches_done: int, num_processes: int, seed: int, max_train_steps: int
+    global_step: int, epoch: int, micro_batches_done: int, num_processes: int, seed: int, max_train_steps: int,
+    run: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Content of `train_state.json`: where the run stands (0-based epoch, batches of that epoch
-    already trained by all processes together)."""
-    return {
+    already trained by all processes together) and, as `run`, the fingerprint of the run
+    (`resume_util.run_fingerprint`) that `--resume` checks."""
+    state: dict[str, Any] = {
         "global_step": global_step,
         "epoch": epoch,
         "batch_index": micro_batches_done * num_processes,
@@ -215,6 +217,9 @@ def train_state_dict(
         "current_step": global_step,
         "current_epoch": epoch,
     }
+    if run is not None:
+        state[FINGERPRINT_KEY] = run
+    return state
 
 
 def resume_position(state: dict[str, Any], num_processes: int, num_batches_per_epoch: int) -> tuple[int, int, int]:

@@ -262,6 +262,16 @@ def _disk_full_at_state_save(tmp: Path, env: Env) -> list[str]:
     return env.train(tmp, "--network_dim", "8", "--save_state")
 
 
+def _old_state(tmp: Path, env: Env) -> Path:
+    """The rank-8 state as an older version wrote it: train_state.json without the run fingerprint."""
+    state = tmp / "old-state"
+    shutil.copytree(env.state_rank8, state)
+    saved = json.loads((state / "train_state.json").read_text(encoding="utf-8"))
+    del saved["run"]
+    (state / "train_state.json").write_text(json.dumps(saved), encoding="utf-8")
+    return state
+
+
 def _no_temp_files_left(tmp: Path, env: Env) -> None:
     leftovers = [p.name for p in (tmp / "out").iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
@@ -389,7 +399,11 @@ ROWS: list[Row] = [
     Row("resume_missing_folder", TRAIN, lambda tmp, env: env.train(tmp, "--resume", str(tmp / "gone-state")),
         [r"^error: --resume: state folder not found: .*gone-state"]),
     Row("resume_another_runs_state", TRAIN, lambda tmp, env: env.train(tmp, "--resume", str(env.state_rank8)),
-        [r"^error: --resume: the state in .*lora-state does not fit this run .*tensor shapes differ"]),
+        [r"^error: --resume: the state in .*lora-state is from another run: network_dim 8 in the state, 4 in this run"]),
+    Row("resume_old_state_of_this_run_warns", TRAIN,
+        lambda tmp, env: env.train(tmp, "--network_dim", "8", "--max_train_steps", "2", "--resume", str(_old_state(tmp, env))),
+        [r"WARNING .*--resume: .*old-state records no run settings \(written by an older version or by sd-scripts\)"],
+        stops=False, check=_lora_saved),
     Row("resume_folder_without_states", TRAIN, lambda tmp, env: env.train(tmp, "--resume", str(_existing_output(tmp))),
         [r"^error: --resume .*out: no training state in this folder"]),
     # --- disk ---
@@ -447,6 +461,9 @@ ROWS: list[Row] = [
     Row("db_diffusers_onto_existing_file", DB,
         lambda tmp, env: _trainer(env, tmp, "--save_model_as", "diffusers", "--output_dir", str(tmp), "--output_name", _file(tmp).name),
         [r"^error: --save_model_as diffusers: .*a_file is an existing file"]),
+    Row("db_resume_of_a_lora_state", DB, lambda tmp, env: _trainer(env, tmp, "--resume", str(env.state_rank8)),
+        [r'^error: --resume: the state in .*lora-state is from another run: trainer "train_network\.py" in the state, '
+         r'"train_db\.py" in this run']),
     Row("fine_tune_in_json_missing", FINE_TUNE, lambda tmp, env: _trainer(env, tmp, "--in_json", str(tmp / "no.json")),
         [r"^error: metadata file .*no\.json not found"]),
     Row("ti_token_already_known", TI, lambda tmp, env: _trainer(env, tmp, "--token_string", "dog", "--init_word", "cat"),

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,28 +36,13 @@ def _start_slow_save(tmp_path: Path, match: str, *extra: str) -> tuple[subproces
     return process, marker
 
 
-def _kill_when_started(process: subprocess.Popen, marker: Path, timeout: float = 540) -> None:
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        if process.poll() is not None:
-            pytest.fail(f"the run ended before the save: {process.stderr.read().decode(errors='replace')[-2000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the save did not start in time")
-        time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
-
-
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX-only")
 def test_sigkill_during_model_save_keeps_previous_file(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "lora.safetensors").write_bytes(PREVIOUS)
     process, marker = _start_slow_save(tmp_path, ".lora.", "--max_train_steps", "1")
-    _kill_when_started(process, marker)
+    th.sigkill_when_started(process, marker)
     assert (out / "lora.safetensors").read_bytes() == PREVIOUS
     # the half-written data sits in a hidden temp file, never under a name a user or tool loads
     temps = [p.name for p in out.iterdir() if p.name != "lora.safetensors"]
@@ -71,7 +55,7 @@ def test_sigkill_during_state_save_leaves_only_complete_states(tmp_path):
         tmp_path, "lora-step00000002-state.partial",
         "--save_state", "--save_every_n_steps", "1", "--max_train_steps", "3",
     )
-    _kill_when_started(process, marker)
+    th.sigkill_when_started(process, marker)
     out = tmp_path / "out"
     complete = out / "lora-step00000001-state"
     assert json.loads((complete / "train_state.json").read_text(encoding="utf-8"))["global_step"] == 1

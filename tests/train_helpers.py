@@ -89,6 +89,29 @@ def network_state(ctx: Any) -> dict:
     return {k: v.detach().cpu().clone().contiguous() for k, v in modules["network"].state_dict().items()}
 
 
+def sigkill_when_started(process: Any, marker: Path, timeout: float = 540) -> None:
+    """SIGKILL a child training process (`subprocess.Popen` with `stderr=PIPE`) once the file
+    `marker` exists (written by a save that tests/fault_hooks stalls half-written)."""
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before the save: {process.stderr.read().decode(errors='replace')[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the save did not start in time")
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+
+
 def _ddp_main(dump_dir: str, argv: Sequence[str]) -> None:
     from safetensors.torch import save_file
 
