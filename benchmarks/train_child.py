@@ -1,0 +1,191 @@
+"""One measured training run and its floor, in one process (run by benchmarks/suite_training.py).
+
+    python benchmarks/train_child.py --script train_network --report out.json \\
+        --floor unet_te --floor_steps 8 -- <the trainer's own flags>
+
+Trains with the script's own parser and `train()` entry point, so the run is the one a user
+starts. Then, in the same process (machine noise hits both alike), it times the floor: a bare
+forward + backward of the same frozen U-Net (and text encoder) on a batch of the same data,
+the gradient flowing to the inputs through every layer, no weight gradients. The report (JSON)
+holds the step times and stage seconds (`library.stage_timer`), the peak RSS of the training
+(VmHWM read before the floor runs), the floor step times and the memory account: bytes of the
+weights, of the trained parameters' gradients and of the optimizer state.
+"""
+from __future__ import annotations
+
+import time
+
+CHILD_STARTED = time.time()  # before the heavy imports: they belong to the run's start-up
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional, Sequence  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from library import stage_timer, text_encoding, train_core, train_util  # noqa: E402
+
+MIB = 1024 * 1024
+FLOORS = ("none", "unet_te", "unet", "both")
+
+
+def vm_hwm_mib() -> Optional[float]:
+    """Peak resident set of this process so far (Linux VmHWM), MiB."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            kb = next(line for line in status if line.startswith("VmHWM:")).split()[1]
+        return int(kb) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_account(ctx: train_core.TrainContext) -> dict[str, float]:
+    """MiB of what the run must hold: weights per model, gradients of what trains, optimizer state."""
+    models = ctx.models
+    optimizer = getattr(ctx.optimizer, "optimizer", ctx.optimizer)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    state = [v for per_param in optimizer.state.values() for v in per_param.values() if torch.is_tensor(v) and v.dim() > 0]
+    weights = {
+        name: _tensor_bytes([*model.parameters(), *model.buffers()]) / MIB
+        for name, model in (("unet", models.unet), ("text_encoder", models.text_encoder), ("vae", models.vae))
+    }
+    network = _network(ctx)
+    network_mib = _tensor_bytes(network.parameters()) / MIB if network is not None else 0.0
+    return {
+        "unet_weights_mib": weights["unet"],
+        "text_encoder_weights_mib": weights["text_encoder"],
+        "vae_weights_mib": weights["vae"],
+        "network_weights_mib": network_mib,
+        "trained_params": float(sum(p.numel() for p in trained)),
+        "gradients_mib": _tensor_bytes(trained) / MIB,  # one gradient per trained parameter
+        "optimizer_state_mib": _tensor_bytes(state) / MIB,
+    }
+
+
+def _network(ctx: train_core.TrainContext) -> Any:
+    step_module = ctx.accelerator.unwrap_model(ctx.step_module)
+    trainable = getattr(step_module, "trainable", {})
+    return trainable["network"] if "network" in trainable else None
+
+
+def _floor_batch(ctx: train_core.TrainContext) -> tuple[torch.Tensor, list[str]]:
+    """Scaled latents and captions of the run's first batch."""
+    from library import datasets
+
+    loader = datasets.make_dataloader(ctx.dataset_group, 0, 0)
+    _, batch = next(iter(loader))
+    vae = ctx.models.vae
+    latents = batch.get("latents")
+    if latents is None:  # latents not cached: encode them as the loop would
+        with torch.no_grad():
+            latents = vae.encode(batch["images"].to(vae.dtype)).latent_dist.mean
+    return latents.to(ctx.weight_dtype) * vae.config.scaling_factor, list(batch["captions"])
+
+
+def floor_step_times(ctx: train_core.TrainContext, through_text_encoder: bool, steps: int, warmup: int = 1) -> list[float]:
+    """Seconds per bare forward + backward of the frozen U-Net (and text encoder) after `warmup` steps.
+
+    The base models are left frozen, without the network's hooks and without gradient
+    checkpointing: the floor is the work any trainer of this batch must do."""
+    args, models = ctx.args, ctx.models
+    network = _network(ctx)
+    if network is not None:
+        network.restore()
+    unet, text_encoder, tokenizer = models.unet, models.text_encoder, models.tokenizer
+    for model in (unet, text_encoder):
+        model.requires_grad_(False)
+        for param in model.parameters():
+            param.grad = None
+    if getattr(unet, "is_gradient_checkpointing", False):
+        unet.disable_gradient_checkpointing()
+    disable_te_checkpointing = getattr(text_encoder, "gradient_checkpointing_disable", None)
+    if disable_te_checkpointing is not None:
+        disable_te_checkpointing()
+    latents, captions = _floor_batch(ctx)
+    max_token_length, clip_skip = getattr(args, "max_token_length", None), getattr(args, "clip_skip", None)
+    input_ids = text_encoding.tokenize_captions(tokenizer, captions, max_token_length)
+    embedding = getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding
+    # the token embeddings become the leaf the gradient flows back to, through every encoder layer
+    hook = embedding.register_forward_hook(lambda module, inputs, output: output.detach().requires_grad_(True))
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.dtype)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+    fixed_states = None
+    if not through_text_encoder:
+        with torch.no_grad():
+            fixed_states = text_encoding.encode_input_ids(text_encoder, input_ids, tokenizer, max_token_length, clip_skip, ctx.weight_dtype)
+    times: list[float] = []
+    try:
+        for _ in range(warmup + steps):
+            started = time.perf_counter()
+            if fixed_states is None:
+                states = text_encoding.encode_input_ids(text_encoder, input_ids, tokenizer, max_token_length, clip_skip, ctx.weight_dtype)
+            else:
+                states = fixed_states
+            noisy = (latents + noise).requires_grad_(True)
+            prediction = unet(noisy, timesteps, states, return_dict=False)[0]
+            F.mse_loss(prediction.float(), noise.float()).backward()
+            times.append(time.perf_counter() - started)
+    finally:
+        hook.remove()
+    return times[warmup:]
+
+
+def run(script: str, train_argv: Sequence[str], floor: str, floor_steps: int) -> dict[str, Any]:
+    module = importlib.import_module(script)
+    args = train_util.parse_args_with_config(module.setup_parser(), list(train_argv))
+    captured: dict[str, Any] = {}
+    hooks = train_core.TrainHooks(on_train_start=lambda ctx: captured.update(ctx=ctx))
+    result = module.train(args, hooks)
+    timings = stage_timer.report()
+    report: dict[str, Any] = {
+        "child_started": CHILD_STARTED,
+        "global_step": result.global_step,
+        "losses": result.step_losses,
+        "step_seconds": timings["step_seconds"],
+        "stage_seconds": timings["stage_seconds"],
+        "peak_rss_train_mib": vm_hwm_mib(),  # before the floor adds anything
+    }
+    ctx = captured["ctx"]
+    report["memory"] = memory_account(ctx)
+    floors: dict[str, list[float]] = {}
+    if floor in ("unet_te", "both"):
+        floors["unet_te"] = floor_step_times(ctx, through_text_encoder=True, steps=floor_steps)
+    if floor in ("unet", "both"):
+        floors["unet"] = floor_step_times(ctx, through_text_encoder=False, steps=floor_steps)
+    report["floor_step_seconds"] = floors
+    report["floor_median_s"] = {name: statistics.median(times) for name, times in floors.items() if times}
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--script", required=True, choices=("train_network", "train_db", "fine_tune"))
+    parser.add_argument("--report", required=True, help="JSON file the measurements go to")
+    parser.add_argument("--floor", default="unet_te", choices=FLOORS, help="which floor to time after training")
+    parser.add_argument("--floor_steps", type=int, default=8, help="timed floor steps (after one warm-up step)")
+    opts = parser.parse_args(argv[:split])
+    from library.cli import setup_logging
+    from library.io_util import write_text_atomic
+
+    setup_logging()
+    report = run(opts.script, argv[split + 1:], opts.floor, opts.floor_steps)
+    write_text_atomic(Path(opts.report), json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
