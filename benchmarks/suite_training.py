@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -100,19 +101,28 @@ def _finite_positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def measure(
-    ctx: Context, name: str, script: str, train_argv: Sequence[str], floor: str, params: dict[str, Any],
-    floor_steps: int, note: str = "",
-) -> Row:
-    """Run one row's child process and turn its report into a Row."""
-    work = ctx.out_dir / SUITE / name
-    report_path = work / "report.json"
-    report_path.unlink(missing_ok=True)
-    child = ["benchmarks/train_child.py", "--script", script, "--report", str(report_path),
-             "--floor", floor, "--floor_steps", str(floor_steps), "--", *train_argv]
-    logger.info("training row %s: %s", name, " ".join(train_argv))
-    measured = run_measured(child, ctx).check(f"training row {name}")
-    report = json.loads(report_path.read_text(encoding="utf-8"))
+@dataclass
+class RowPlan:
+    """One row: which script runs with which flags, which floor follows, what the row says."""
+
+    name: str
+    script: str
+    argv: list[str]
+    floor: str
+    floor_steps: int
+    params: dict[str, Any]
+    note: str = ""
+
+    def report_path(self, ctx: Context) -> Path:
+        return ctx.out_dir / SUITE / self.name / "report.json"
+
+    def child_argv(self, ctx: Context) -> list[str]:
+        return ["benchmarks/train_child.py", "--script", self.script, "--report", str(self.report_path(ctx)),
+                "--floor", self.floor, "--floor_steps", str(self.floor_steps), "--", *self.argv]
+
+
+def to_row(plan: RowPlan, report: dict[str, Any], wall_s: float) -> Row:
+    """A row's child report as a Row (metrics as the module docstring lists them)."""
     steps = report["step_seconds"]
     s_per_step = median_after_warmup(steps, WARMUP_STEPS)
     metrics: dict[str, Any] = {"s_per_step": s_per_step}
@@ -125,7 +135,7 @@ def measure(
         metrics["unet_floor_ratio"] = s_per_step / floors["unet"]
     metrics["peak_rss_mib"] = report["peak_rss_train_mib"]
     memory = report["memory"]
-    if script != "train_network":
+    if plan.script != "train_network":
         floor_mib = (memory["unet_weights_mib"] + memory["text_encoder_weights_mib"]
                      + memory["gradients_mib"] + memory["optimizer_state_mib"])
         metrics["memory_floor_mib"] = floor_mib
@@ -133,17 +143,49 @@ def measure(
     stages = report["stage_seconds"]
     for stage in ("startup", "loading", "caching", "setup", "loop", "save"):
         metrics[f"{stage}_s"] = stages.get(stage, 0.0)
-    metrics["wall_s"] = measured.wall_s
+    metrics["wall_s"] = wall_s
     extra = {
         "steps": len(steps), "step_seconds": steps, "losses": report["losses"],
         "floor_step_seconds": report["floor_step_seconds"], "memory": memory,
-        "peak_rss_process_mib": measured.peak_rss_mib, "argv": list(train_argv),
+        "peak_rss_process_mib": report.get("peak_rss_exit_mib"), "argv": list(plan.argv),
     }
-    row = Row(SUITE, name, {**params, **extra}, metrics, note)
     bad = [key for key in ("s_per_step", "peak_rss_mib") if not _finite_positive(metrics[key])]
     if bad:
-        raise RuntimeError(f"training row {name}: no valid {bad[0]} ({metrics[bad[0]]!r})")
-    return row
+        raise RuntimeError(f"training row {plan.name}: no valid {bad[0]} ({metrics[bad[0]]!r})")
+    return Row(SUITE, plan.name, {**plan.params, **extra}, metrics, plan.note)
+
+
+def _read_report(plan: RowPlan, ctx: Context) -> dict[str, Any]:
+    return json.loads(plan.report_path(ctx).read_text(encoding="utf-8"))
+
+
+def measure(ctx: Context, plan: RowPlan) -> Row:
+    """One row in its own fresh process (start-up, imports and peak RSS as a user's run has them)."""
+    plan.report_path(ctx).parent.mkdir(parents=True, exist_ok=True)
+    plan.report_path(ctx).unlink(missing_ok=True)
+    logger.info("training row %s: %s", plan.name, " ".join(plan.argv))
+    measured = run_measured(plan.child_argv(ctx), ctx).check(f"training row {plan.name}")
+    return to_row(plan, _read_report(plan, ctx), measured.wall_s)
+
+
+def measure_forked(ctx: Context, plans: Sequence[RowPlan]) -> list[Row]:
+    """All rows from one process that imports once and forks a process per row (--quick)."""
+    from library.io_util import write_text_atomic
+
+    specs = []
+    for plan in plans:
+        plan.report_path(ctx).parent.mkdir(parents=True, exist_ok=True)
+        plan.report_path(ctx).unlink(missing_ok=True)
+        specs.append({"name": plan.name, "script": plan.script, "report": str(plan.report_path(ctx)),
+                      "floor": plan.floor, "floor_steps": plan.floor_steps, "argv": plan.argv})
+    plan_file = ctx.out_dir / SUITE / "plan.json"
+    write_text_atomic(plan_file, json.dumps(specs, indent=2) + "\n")
+    run_measured(["benchmarks/train_child.py", "--plan", str(plan_file)], ctx).check("training rows (forked)")
+    rows = []
+    for plan in plans:
+        report = _read_report(plan, ctx)
+        rows.append(to_row(plan, report, report["wall_s"]))
+    return rows
 
 
 def _remove_outputs(folder: Path) -> None:
@@ -155,59 +197,64 @@ def _remove_outputs(folder: Path) -> None:
             path.unlink()
 
 
-def run(ctx: Context, only: Optional[Sequence[str]] = None) -> list[Row]:
-    """Every row (or the rows named in `only`), in order."""
+def row_plans(ctx: Context) -> list[RowPlan]:
+    """The suite's rows, in order (models and data are made here)."""
     steps = QUICK_STEPS if ctx.quick else ctx.steps
     full_steps = QUICK_STEPS if ctx.quick else min(FULL_MODEL_STEPS, ctx.steps)
     floor_steps = 2 if ctx.quick else 8
+    full_floor_steps = 2 if ctx.quick else 4
     root = ctx.out_dir / SUITE
     data = make_dataset(root)
     model = ctx.model_file()
+    folder = ctx.model_folder()
     size = "small (quick)" if ctx.quick else "SD1.5 full size"
-    lora_params = {"model": size, "batch": 1, "dim": 8, "precision": "fp32", "optimizer": "AdamW",
-                   "attention": "sdpa", "cache_latents": True, "steps": steps}
-    full_params = {"model": size, "resolution": 64, "batch": 1, "precision": "fp32", "optimizer": "SGDNesterov",
-                   "attention": "sdpa", "cache_latents": True, "steps": full_steps}
+    lora = {"model": size, "batch": 1, "dim": 8, "precision": "fp32", "optimizer": "AdamW",
+            "attention": "sdpa", "cache_latents": True, "workers": 0, "steps": steps}
+    full = {"model": size, "resolution": 64, "batch": 1, "precision": "fp32", "optimizer": "SGDNesterov",
+            "attention": "sdpa", "cache_latents": True, "workers": 0, "steps": full_steps}
     out = root / "out"
-    plans: list[tuple[str, Any]] = [
-        ("lora_single_file_64", lambda: measure(
-            ctx, "lora_single_file_64", "train_network", lora_argv(model, data, out / "a", steps, 64), "unet_te",
-            {**lora_params, "resolution": 64, "source": "single file"}, floor_steps)),
-        ("lora_diffusers_64", lambda: measure(
-            ctx, "lora_diffusers_64", "train_network", lora_argv(ctx.model_folder(), data, out / "b", steps, 64),
-            "unet_te", {**lora_params, "resolution": 64, "source": "Diffusers folder"}, floor_steps)),
-        ("lora_single_file_128", lambda: measure(
-            ctx, "lora_single_file_128", "train_network", lora_argv(model, data, out / "c", steps, 128), "unet_te",
-            {**lora_params, "resolution": 128, "source": "single file"}, floor_steps)),
-        ("lora_gradient_checkpointing_64", lambda: measure(
-            ctx, "lora_gradient_checkpointing_64", "train_network",
-            lora_argv(model, data, out / "d", steps, 64, "--gradient_checkpointing"), "unet_te",
-            {**lora_params, "resolution": 64, "source": "single file", "gradient_checkpointing": True}, floor_steps,
-            note="floor without checkpointing")),
-        ("lora_unet_only_64", lambda: measure(
-            ctx, "lora_unet_only_64", "train_network",
-            lora_argv(model, data, out / "e", steps, 64, "--network_train_unet_only"), "both",
-            {**lora_params, "resolution": 64, "source": "single file", "network_train_unet_only": True,
-             "text_encoder_outputs": "cached per caption (fixed captions)"}, floor_steps,
-            note="TE outputs cached per caption by the core; no --cache_text_encoder_outputs flag")),
-        ("train_db_full", lambda: measure(
-            ctx, "train_db_full", "train_db",
-            full_model_argv(model, out / "f", full_steps, "--train_data_dir", str(data.parent), "--caption_extension", ".txt"),
-            "unet_te", {**full_params, "trains": "U-Net + text encoder"}, max(2, floor_steps // 2))),
-        ("fine_tune_full", lambda: measure(
-            ctx, "fine_tune_full", "fine_tune",
-            full_model_argv(model, out / "g", full_steps, "--train_data_dir", str(data),
-                            "--in_json", str(make_metadata(data, root / "meta.json"))),
-            "unet", {**full_params, "trains": "U-Net"}, max(2, floor_steps // 2))),
+    dreambooth_data = ("--train_data_dir", str(data.parent), "--caption_extension", ".txt")
+    metadata = make_metadata(data, root / "meta.json")
+    return [
+        RowPlan("lora_single_file_64", "train_network", lora_argv(model, data, out / "a", steps, 64), "unet_te",
+                floor_steps, {**lora, "resolution": 64, "source": "single file"}),
+        RowPlan("lora_diffusers_64", "train_network", lora_argv(folder, data, out / "b", steps, 64), "unet_te",
+                floor_steps, {**lora, "resolution": 64, "source": "Diffusers folder"}),
+        RowPlan("lora_single_file_128", "train_network", lora_argv(model, data, out / "c", steps, 128), "unet_te",
+                floor_steps, {**lora, "resolution": 128, "source": "single file"}),
+        RowPlan("lora_gradient_checkpointing_64", "train_network",
+                lora_argv(model, data, out / "d", steps, 64, "--gradient_checkpointing"), "unet_te", floor_steps,
+                {**lora, "resolution": 64, "source": "single file", "gradient_checkpointing": True},
+                note="floor without checkpointing"),
+        RowPlan("lora_unet_only_64", "train_network",
+                lora_argv(model, data, out / "e", steps, 64, "--network_train_unet_only"), "both", floor_steps,
+                {**lora, "resolution": 64, "source": "single file", "network_train_unet_only": True,
+                 "text_encoder_outputs": "cached per caption (fixed captions)"},
+                note="TE outputs cached per caption by the core; there is no --cache_text_encoder_outputs flag"),
+        RowPlan("train_db_full", "train_db", full_model_argv(model, out / "f", full_steps, *dreambooth_data),
+                "unet_te", full_floor_steps, {**full, "trains": "U-Net + text encoder"}),
+        RowPlan("fine_tune_full", "fine_tune",
+                full_model_argv(model, out / "g", full_steps, "--train_data_dir", str(data), "--in_json", str(metadata)),
+                "unet", full_floor_steps, {**full, "trains": "U-Net"}),
     ]
-    unknown = sorted(set(only or ()) - {name for name, _ in plans})
+
+
+def run(ctx: Context, only: Optional[Sequence[str]] = None) -> list[Row]:
+    """Every row (or the rows named in `only`), in order; --quick forks them from one process."""
+    plans = row_plans(ctx)
+    unknown = sorted(set(only or ()) - {plan.name for plan in plans})
     if unknown:
         raise ValueError(f"unknown training rows: {unknown}")
-    rows = []
-    for name, plan in plans:
-        if only and name not in only:
-            continue
-        rows.append(plan())
-        _remove_outputs(out / "f")
-        _remove_outputs(out / "g")
+    plans = [plan for plan in plans if not only or plan.name in only]
+    out = ctx.out_dir / SUITE / "out"
+    if ctx.quick:
+        rows = measure_forked(ctx, plans)
+    else:
+        rows = []
+        for plan in plans:
+            rows.append(measure(ctx, plan))
+            _remove_outputs(out / "f")  # a whole model is 4 GB at full size
+            _remove_outputs(out / "g")
+    _remove_outputs(out / "f")
+    _remove_outputs(out / "g")
     return rows

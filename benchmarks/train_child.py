@@ -10,6 +10,14 @@ the gradient flowing to the inputs through every layer, no weight gradients. The
 holds the step times and stage seconds (`library.stage_timer`), the peak RSS of the training
 (VmHWM read before the floor runs), the floor step times and the memory account: bytes of the
 weights, of the trained parameters' gradients and of the optimizer state.
+
+    python benchmarks/train_child.py --plan rows.json
+
+runs several rows (the suite's `--quick` mode): the libraries are imported once, then each row
+trains in a process forked from this one (its peak RSS counted from the fork: Linux
+`clear_refs`), so a row costs seconds instead of the imports' start-up each time. `rows.json`
+is a list of {"name", "script", "report", "floor", "floor_steps", "argv"}; each row's exit
+status and wall seconds are added to its report as `returncode` / `wall_s`.
 """
 from __future__ import annotations
 
@@ -81,10 +89,7 @@ def _network(ctx: train_core.TrainContext) -> Any:
 
 def _floor_batch(ctx: train_core.TrainContext) -> tuple[torch.Tensor, list[str]]:
     """Scaled latents and captions of the run's first batch."""
-    from library import datasets
-
-    loader = datasets.make_dataloader(ctx.dataset_group, 0, 0)
-    _, batch = next(iter(loader))
+    batch = ctx.dataset_group[(0, 0)]  # batches are keyed (epoch, batch_index)
     vae = ctx.models.vae
     latents = batch.get("latents")
     if latents is None:  # latents not cached: encode them as the loop would
@@ -169,21 +174,82 @@ def run(script: str, train_argv: Sequence[str], floor: str, floor_steps: int) ->
     return report
 
 
+def run_to_file(script: str, train_argv: Sequence[str], floor: str, floor_steps: int, report_path: Path) -> None:
+    from library.io_util import write_text_atomic
+
+    report = run(script, train_argv, floor, floor_steps)
+    report["peak_rss_exit_mib"] = vm_hwm_mib()  # the floor included
+    write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
+
+
+def _reset_peak_rss() -> bool:
+    """Start this process's VmHWM again from its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_plan(plan_path: Path) -> int:
+    """Every row of the plan in its own forked process; returns how many failed."""
+    import os
+
+    for script in ("train_network", "train_db", "fine_tune"):  # imported once, before any fork
+        importlib.import_module(script)
+    failed = 0
+    for row in json.loads(plan_path.read_text(encoding="utf-8")):
+        report_path = Path(row["report"])
+        started = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:  # the row: no torch op ran in the parent, so its thread pool starts fresh here
+            status = 1
+            try:
+                stage_timer.reset()
+                if not _reset_peak_rss():
+                    print("warning: cannot reset VmHWM; peak RSS includes earlier rows", file=sys.stderr)
+                run_to_file(row["script"], row["argv"], row["floor"], row["floor_steps"], report_path)
+                status = 0
+            except BaseException:  # noqa: B036 - a forked row must never return into the loop
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        _, wait_status = os.waitpid(pid, 0)
+        returncode = os.waitstatus_to_exitcode(wait_status)
+        wall = time.perf_counter() - started
+        if returncode != 0 or not report_path.is_file():
+            failed += 1
+            print(f"error: row {row['name']} failed with exit status {returncode}", file=sys.stderr)
+            continue
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        report.update(returncode=returncode, wall_s=wall)
+        report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return failed
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--script", required=True, choices=("train_network", "train_db", "fine_tune"))
-    parser.add_argument("--report", required=True, help="JSON file the measurements go to")
+    parser.add_argument("--plan", default=None, help="JSON list of rows to run, each forked from this process")
+    parser.add_argument("--script", default=None, choices=("train_network", "train_db", "fine_tune"))
+    parser.add_argument("--report", default=None, help="JSON file the measurements go to")
     parser.add_argument("--floor", default="unet_te", choices=FLOORS, help="which floor to time after training")
     parser.add_argument("--floor_steps", type=int, default=8, help="timed floor steps (after one warm-up step)")
     opts = parser.parse_args(argv[:split])
     from library.cli import setup_logging
-    from library.io_util import write_text_atomic
 
     setup_logging()
-    report = run(opts.script, argv[split + 1:], opts.floor, opts.floor_steps)
-    write_text_atomic(Path(opts.report), json.dumps(report, indent=2) + "\n")
+    if opts.plan:
+        return 1 if run_plan(Path(opts.plan)) else 0
+    if not (opts.script and opts.report):
+        parser.error("--script and --report are required without --plan")
+    run_to_file(opts.script, argv[split + 1:], opts.floor, opts.floor_steps, Path(opts.report))
     return 0
 
 
