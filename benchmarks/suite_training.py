@@ -147,7 +147,8 @@ def to_row(plan: RowPlan, report: dict[str, Any], wall_s: float) -> Row:
     extra = {
         "steps": len(steps), "step_seconds": steps, "losses": report["losses"],
         "floor_step_seconds": report["floor_step_seconds"], "memory": memory,
-        "peak_rss_process_mib": report.get("peak_rss_exit_mib"), "argv": list(plan.argv),
+        "peak_rss_process_mib": report.get("peak_rss_exit_mib"), "rss_trace": report.get("rss_trace"),
+        "argv": list(plan.argv),
     }
     bad = [key for key in ("s_per_step", "peak_rss_mib") if not _finite_positive(metrics[key])]
     if bad:

@@ -44,14 +44,28 @@ MIB = 1024 * 1024
 FLOORS = ("none", "unet_te", "unet", "both")
 
 
-def vm_hwm_mib() -> Optional[float]:
-    """Peak resident set of this process so far (Linux VmHWM), MiB."""
+def _status_mib(field: str) -> Optional[float]:
     try:
         with open("/proc/self/status", encoding="utf-8") as status:
-            kb = next(line for line in status if line.startswith("VmHWM:")).split()[1]
+            kb = next(line for line in status if line.startswith(field + ":")).split()[1]
         return int(kb) / 1024
     except (OSError, StopIteration):
         return None
+
+
+def vm_hwm_mib() -> Optional[float]:
+    """Peak resident set of this process so far (Linux VmHWM), MiB."""
+    return _status_mib("VmHWM")
+
+
+class RssTrace:
+    """RSS and peak RSS (MiB) at every stage mark and step of the run: where the peak comes."""
+
+    def __init__(self) -> None:
+        self.points: list[list[Any]] = []
+
+    def __call__(self, stage: str) -> None:
+        self.points.append([stage, _status_mib("VmRSS"), _status_mib("VmHWM")])
 
 
 def _tensor_bytes(tensors) -> int:
@@ -152,7 +166,10 @@ def run(script: str, train_argv: Sequence[str], floor: str, floor_steps: int) ->
     args = train_util.parse_args_with_config(module.setup_parser(), list(train_argv))
     captured: dict[str, Any] = {}
     hooks = train_core.TrainHooks(on_train_start=lambda ctx: captured.update(ctx=ctx))
+    trace = RssTrace()
+    stage_timer.add_observer(trace)
     result = module.train(args, hooks)
+    trace("after")
     timings = stage_timer.report()
     report: dict[str, Any] = {
         "child_started": CHILD_STARTED,
@@ -161,6 +178,7 @@ def run(script: str, train_argv: Sequence[str], floor: str, floor_steps: int) ->
         "step_seconds": timings["step_seconds"],
         "stage_seconds": timings["stage_seconds"],
         "peak_rss_train_mib": vm_hwm_mib(),  # before the floor adds anything
+        "rss_trace": trace.points,
     }
     ctx = captured["ctx"]
     report["memory"] = memory_account(ctx)

@@ -16,12 +16,19 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 ENV_VAR = "SD_TRAINER_TIMINGS"
 
 _marks: list[tuple[str, float]] = []
 _step_ends: list[float] = []
+# called with the stage name (or "step") at every mark: e.g. the benchmark reads RSS there
+_observers: list[Callable[[str], None]] = []
+
+
+def add_observer(observer: Callable[[str], None]) -> None:
+    """Call `observer(stage)` at every mark and `observer("step")` after every step."""
+    _observers.append(observer)
 
 
 def reset() -> None:
@@ -33,11 +40,15 @@ def reset() -> None:
 def mark(stage: str) -> None:
     """Stage `stage` begins now (it ends at the next mark)."""
     _marks.append((stage, time.time()))
+    for observer in _observers:
+        observer(stage)
 
 
 def step_done() -> None:
     """An optimizer step ended now."""
     _step_ends.append(time.time())
+    for observer in _observers:
+        observer("step")
 
 
 def process_start_time() -> Optional[float]:
