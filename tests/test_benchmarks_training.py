@@ -56,6 +56,12 @@ def test_quick_suite_measures_every_row(quick_results):
         assert metrics["caching_s"] > 0, name  # --cache_latents on every row
         floor = metrics.get("floor_ratio", metrics.get("unet_floor_ratio"))
         assert _positive(floor), name
+        # RSS traced at every stage mark and step (where the peak comes): peaks only grow
+        trace = params["rss_trace"]
+        names = [point[0] for point in trace]
+        assert names.count("step") == 3 and {"loading", "caching", "loop", "save"} <= set(names), (name, names)
+        peaks = [point[2] for point in trace]
+        assert peaks == sorted(peaks) and peaks[-1] <= metrics["peak_rss_mib"] + 1e-6, name
         # VmHWM of the training alone cannot exceed the whole process's
         assert metrics["peak_rss_mib"] <= params["peak_rss_process_mib"] + 1e-6, name
     unet_only = rows["lora_unet_only_64"]
