@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from library import nonfinite, preflight, resume_util, train_saving, train_util
+from library import nonfinite, preflight, resume_util, stage_timer, train_saving, train_util
 from library.errors import UserError
 # the script-facing contract lives in train_method; re-exported (train_core.TrainingMethod, ...)
 from library.train_method import TrainContext, TrainHooks, TrainingMethod, TrainResult  # noqa: F401
@@ -202,6 +202,7 @@ def _build_dataset_group(args: argparse.Namespace, method: TrainingMethod, accel
 
 def _cache_latents(args: argparse.Namespace, ctx: TrainContext, device: torch.device) -> None:
     """Encode every image once with the VAE; the VAE then leaves the accelerator."""
+    stage_timer.mark("caching")
     vae = ctx.models.vae
     _place(vae, device, nonfinite.vae_dtype(args, ctx.weight_dtype))
     vae.eval()
@@ -214,6 +215,7 @@ def _cache_latents(args: argparse.Namespace, ctx: TrainContext, device: torch.de
     if device.type == "cuda":
         torch.cuda.empty_cache()
     ctx.accelerator.wait_for_everyone()
+    stage_timer.mark("setup")
 
 
 def _text_encode_fn(args: argparse.Namespace, ctx: TrainContext) -> Callable[[list[str]], torch.Tensor]:
@@ -479,6 +481,7 @@ class _Runner:
         if getattr(args, "sample_at_first", False) and ctx.global_step == 0:
             self._sample(epoch=0, step=0)
 
+        stage_timer.mark("loop")
         loader = _make_loader(args, ctx, self.start_epoch, self.start_batch)
         accumulation = args.gradient_accumulation_steps or 1
         world = accelerator.num_processes
@@ -531,6 +534,7 @@ class _Runner:
         progress.close()
         final_path = None
         if not stopped:
+            stage_timer.mark("save")
             final_path = self._final_save(ext)
         ctx.accelerator.end_training()
         if self.hooks.on_train_end is not None:
@@ -545,6 +549,7 @@ class _Runner:
         ctx.lr_scheduler.step()
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.global_step += 1
+        stage_timer.step_done()
         self.method.on_step_end(ctx)
         self.progress.update(1)
         micro_in_step = micro % accumulation or accumulation
@@ -678,6 +683,7 @@ class _Runner:
 
 def run_training(args: argparse.Namespace, method: TrainingMethod, hooks: Optional[TrainHooks] = None) -> TrainResult:
     """Train with `method` according to `args` (sd-scripts flags); returns losses and the output path."""
+    stage_timer.reset()
     runner = _Runner(args, method, hooks or TrainHooks())
     dataset_group = runner.setup()
     if getattr(args, "debug_dataset", False):  # like sd-scripts: show the batches, load no model, train nothing
@@ -685,6 +691,10 @@ def run_training(args: argparse.Namespace, method: TrainingMethod, hooks: Option
 
         datasets.debug_dataset(dataset_group, epoch=0, max_batches=8)
         return TrainResult(0, 0, [], None, True)
+    stage_timer.mark("loading")
     runner.load_models()
+    stage_timer.mark("setup")
     runner.prepare()
-    return runner.train()
+    result = runner.train()
+    stage_timer.finish()  # SD_TRAINER_TIMINGS=<file>: the stage timings are written there
+    return result
