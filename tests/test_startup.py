@@ -1,0 +1,117 @@
+"""Start-up stays lean: every script imports its heavy dependencies only when a run needs them.
+
+Non-timed guards of the lazy imports (benchmarks/suite_startup.py measures the time; see the
+`## Start-up` section of benchmarks/RESULTS.md). A fresh interpreter imports every entry script
+and runs its `--help`; a few scripts run, as the bad-input suite does, to an input file that is
+missing. Afterwards the heavy packages that must not have been imported are looked up in
+`sys.modules`. A failure names the script (and case) that first pulled the package in: move that
+import into the function that needs it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dataset_fixtures as df
+
+REPO = Path(__file__).resolve().parents[1]
+
+ENTRY_SCRIPTS = sorted(
+    str(path.relative_to(REPO).as_posix())
+    for pattern in ("*.py", "networks/*.py", "finetune/*.py", "tools/*.py")
+    for path in REPO.glob(pattern)
+    if path.name != "setup.py" and 'if __name__ == "__main__":' in path.read_text(encoding="utf-8")
+)
+
+# Never needed to print a script's help.
+NOT_AT_HELP = (
+    "diffusers", "transformers", "accelerate", "cv2", "onnxruntime", "scipy", "tensorboard", "skimage", "peft",
+    "bitsandbytes",
+)
+# Not needed before a training run has found its model file (flags, config, dataset, outputs checked).
+NOT_BEFORE_MODEL = (
+    "diffusers.models", "diffusers.pipelines", "transformers.models.clip.modeling_clip", "cv2", "onnxruntime",
+    "scipy", "tensorboard", "skimage", "peft", "bitsandbytes",
+)
+
+# Runs the cases [script, argv or null] one after another in this interpreter: each script is
+# imported as a module (its `if __name__ == "__main__"` block does not run), then `main(argv)`
+# runs with its output discarded. Prints, per case, the watched modules loaded so far.
+_CHECKER = r"""
+import contextlib, io, json, runpy, sys
+cases, watched = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+loaded = []
+for script, argv in cases:
+    namespace = runpy.run_path(script, run_name="startup_check")
+    if argv is not None:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                namespace["main"](argv)
+            except SystemExit:
+                pass
+            except Exception as err:
+                if type(err).__name__ != "UserError":
+                    raise
+    loaded.append([name for name in watched if name in sys.modules])
+print(json.dumps(loaded))
+"""
+
+
+def _first_loaders(cases: list[tuple[str, list[str] | None]], watched: tuple[str, ...]) -> dict[str, str]:
+    """{module: the first case after which it was in sys.modules} for one fresh interpreter."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    result = subprocess.run(
+        [sys.executable, "-c", _CHECKER, json.dumps(cases), json.dumps(watched)], cwd=REPO, env=env,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first: dict[str, str] = {}
+    for (script, argv), names in zip(cases, json.loads(result.stdout.strip().splitlines()[-1])):
+        for name in names:
+            first.setdefault(name, f"{script} {'(import)' if argv is None else ' '.join(argv)}")
+    return first
+
+
+def test_entry_scripts_are_found():
+    assert {"train_network.py", "gen_img_diffusers.py", "networks/merge_lora.py", "tools/show_metadata.py"} <= set(
+        ENTRY_SCRIPTS
+    )
+
+
+def test_help_of_every_script_imports_no_heavy_package():
+    cases = [(script, ["--help"]) for script in ENTRY_SCRIPTS]
+    first = _first_loaders(cases, NOT_AT_HELP)
+    assert not first, f"imported for --help: {first}"
+
+
+def _train_missing_model(tmp: Path) -> list[str]:
+    df.make_dreambooth_folder(tmp / "data", "1_dog", [(64, 64)] * 2, ["a dog"] * 2)
+    return [
+        "--pretrained_model_name_or_path", str(tmp / "nothere.safetensors"), "--train_data_dir", str(tmp / "data"),
+        "--caption_extension", ".txt", "--resolution", "64", "--output_dir", str(tmp / "out"),
+        "--network_module", "networks.lora", "--max_train_steps", "1", "--max_data_loader_n_workers", "0",
+    ]
+
+
+def test_training_run_stopping_at_missing_model_loads_no_model_code(tmp_path):
+    """The bad-input rows that stop before the model loads pay for no diffusers / transformers models."""
+    first = _first_loaders([("train_network.py", _train_missing_model(tmp_path))], NOT_BEFORE_MODEL)
+    assert not first, f"imported before the model file was found: {first}"
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("gen_img_diffusers.py", ["--ckpt", "{tmp}/none.safetensors", "--prompt", "a dog", "--outdir", "{tmp}/images"]),
+    ("networks/merge_lora.py", ["--models", "{tmp}/none.safetensors", "--save_to", "{tmp}/m.safetensors"]),
+    ("tools/convert_diffusers20_original_sd.py", ["{tmp}/none.safetensors", "{tmp}/out.safetensors"]),
+])
+def test_tool_stopping_at_missing_file_loads_no_model_code(tmp_path, script, argv):
+    argv = [value.replace("{tmp}", str(tmp_path)) for value in argv]
+    first = _first_loaders([(script, argv)], NOT_BEFORE_MODEL)
+    assert not first, f"imported before the input file was found: {first}"
