@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -20,9 +21,6 @@ from library.preflight import make_dir
 
 if TYPE_CHECKING:
     import torch
-
-# cv2 is imported in the functions that resize: the caption / metadata scripts and every check
-# that runs before the first image is decoded do without it (OpenCV is slow to import)
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +82,6 @@ def resize_area(image: np.ndarray, size: Reso) -> np.ndarray:
     """Resize to (width, height) with cv2 INTER_AREA (the sd-scripts choice for buckets)."""
     if image.shape[1] == size[0] and image.shape[0] == size[1]:
         return image
-    import cv2
-
     return cv2.resize(image, (int(size[0]), int(size[1])), interpolation=cv2.INTER_AREA)
 
 
@@ -156,8 +152,6 @@ def crop_target_face(
     if new_h < target_h or new_w < target_w:  # image smaller than target: upscale to cover
         scale = cover_scale
         new_h, new_w = max(target_h, int(height * scale + 0.5)), max(target_w, int(width * scale + 0.5))
-    import cv2
-
     image = resize_area(image, (new_w, new_h)) if scale < 1.0 else cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LANCZOS4)
     face_cx, face_cy = int(face_cx * scale + 0.5), int(face_cy * scale + 0.5)
     for axis, (target_len, length, face_pos) in enumerate(((target_h, new_h, face_cy), (target_w, new_w, face_cx))):
@@ -178,8 +172,6 @@ def color_aug(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() > 0.33:
         return image
     if rng.random() > 0.5:
-        import cv2
-
         hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
         shift = float(rng.uniform(-8, 8))
         hue = (hsv[:, :, 0].astype(np.float32) + shift) % 180
@@ -207,8 +199,6 @@ def file_mtime(path: Path | str) -> float:
 
 def interpolation_flag(name: str | None, upscale: bool) -> int:
     """cv2 interpolation constant for a tool's `--interpolation` name (None: area down, lanczos up)."""
-    import cv2
-
     table = {
         "area": cv2.INTER_AREA,
         "cubic": cv2.INTER_CUBIC,
@@ -248,8 +238,6 @@ def resize_folder_images(
     resolution as `<stem>+<WxH><ext>`. Each resolution is made from the original image.
     """
     import shutil
-
-    import cv2
 
     from library.io_util import atomic_path
 
