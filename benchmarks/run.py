@@ -24,6 +24,7 @@ from benchmarks.common import Context, Row, format_table, write_json  # noqa: E4
 
 # suite name -> module under benchmarks/ that has run(ctx) -> list[Row]
 SUITES: dict[str, str] = {
+    "startup": "suite_startup",
 }
 
 

@@ -40,13 +40,15 @@ NOT_BEFORE_MODEL = (
 
 # Runs the cases [script, argv or null] one after another in this interpreter: each script is
 # imported as a module (its `if __name__ == "__main__"` block does not run), then `main(argv)`
-# runs with its output discarded. Prints, per case, the watched modules loaded so far.
+# runs with its output discarded. Prints, per case, the watched modules loaded so far and the
+# user error the run stopped with ("" for none).
 _CHECKER = r"""
 import contextlib, io, json, runpy, sys
 cases, watched = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-loaded = []
+report = []
 for script, argv in cases:
     namespace = runpy.run_path(script, run_name="startup_check")
+    error = ""
     if argv is not None:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             try:
@@ -56,13 +58,15 @@ for script, argv in cases:
             except Exception as err:
                 if type(err).__name__ != "UserError":
                     raise
-    loaded.append([name for name in watched if name in sys.modules])
-print(json.dumps(loaded))
+                error = str(err)
+    report.append([[name for name in watched if name in sys.modules], error])
+print(json.dumps(report))
 """
 
 
-def _first_loaders(cases: list[tuple[str, list[str] | None]], watched: tuple[str, ...]) -> dict[str, str]:
-    """{module: the first case after which it was in sys.modules} for one fresh interpreter."""
+def _run_cases(cases: list[tuple[str, list[str] | None]], watched: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """({module: the first case after which it was in sys.modules}, the cases' user errors), from
+    one fresh interpreter."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -72,10 +76,12 @@ def _first_loaders(cases: list[tuple[str, list[str] | None]], watched: tuple[str
     )
     assert result.returncode == 0, result.stderr[-3000:]
     first: dict[str, str] = {}
-    for (script, argv), names in zip(cases, json.loads(result.stdout.strip().splitlines()[-1])):
+    errors = []
+    for (script, argv), (names, error) in zip(cases, json.loads(result.stdout.strip().splitlines()[-1])):
         for name in names:
             first.setdefault(name, f"{script} {'(import)' if argv is None else ' '.join(argv)}")
-    return first
+        errors.append(error)
+    return first, errors
 
 
 def test_entry_scripts_are_found():
@@ -86,8 +92,9 @@ def test_entry_scripts_are_found():
 
 def test_help_of_every_script_imports_no_heavy_package():
     cases = [(script, ["--help"]) for script in ENTRY_SCRIPTS]
-    first = _first_loaders(cases, NOT_AT_HELP)
+    first, errors = _run_cases(cases, NOT_AT_HELP)
     assert not first, f"imported for --help: {first}"
+    assert errors == [""] * len(cases), errors
 
 
 def _train_missing_model(tmp: Path) -> list[str]:
@@ -101,7 +108,8 @@ def _train_missing_model(tmp: Path) -> list[str]:
 
 def test_training_run_stopping_at_missing_model_loads_no_model_code(tmp_path):
     """The bad-input rows that stop before the model loads pay for no diffusers / transformers models."""
-    first = _first_loaders([("train_network.py", _train_missing_model(tmp_path))], NOT_BEFORE_MODEL)
+    first, errors = _run_cases([("train_network.py", _train_missing_model(tmp_path))], NOT_BEFORE_MODEL)
+    assert "nothere.safetensors: model not found" in errors[0], errors  # the run got as far as the model
     assert not first, f"imported before the model file was found: {first}"
 
 
@@ -112,5 +120,6 @@ def test_training_run_stopping_at_missing_model_loads_no_model_code(tmp_path):
 ])
 def test_tool_stopping_at_missing_file_loads_no_model_code(tmp_path, script, argv):
     argv = [value.replace("{tmp}", str(tmp_path)) for value in argv]
-    first = _first_loaders([(script, argv)], NOT_BEFORE_MODEL)
+    first, errors = _run_cases([(script, argv)], NOT_BEFORE_MODEL)
+    assert "none.safetensors" in errors[0] and "not found" in errors[0], errors
     assert not first, f"imported before the input file was found: {first}"
