@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import resource
@@ -30,6 +31,8 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, Context, Row, format_table  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 SUITE = "startup"
 
@@ -160,7 +163,7 @@ def _checked(runs: Sequence[Timing], what: str, expect_rc: int) -> Sequence[Timi
 
 
 def measure_case(script: str, argv: Sequence[str], expect_rc: int, repeats: int, report: Path,
-                 base_root: Optional[Path] = None) -> dict:
+                 base_root: Optional[Path] = None, modules: bool = True) -> dict:
     """Median CPU / wall time of `repeats` runs and the heavy modules loaded; with `base_root`, the
     same script of that checkout runs alternately with this one (before/after side by side)."""
     what = f"{script} {' '.join(argv)}"
@@ -176,7 +179,8 @@ def measure_case(script: str, argv: Sequence[str], expect_rc: int, repeats: int,
     if base_root is not None:
         metrics["before_cpu_s"] = statistics.median(run.cpu_s for run in _checked(base_runs, what + " (before)", expect_rc))
         metrics["after/before"] = metrics["cpu_s"] / metrics["before_cpu_s"]
-    metrics["heavy"] = " ".join(heavy_modules_loaded([script, *argv], report)) or "-"
+    if modules:
+        metrics["heavy"] = " ".join(heavy_modules_loaded([script, *argv], report)) or "-"
     return metrics
 
 
@@ -184,7 +188,9 @@ def run(ctx: Context) -> list[Row]:
     """Rows `<script> --help` and `<script> missing` (CPU s, wall s, heavy modules loaded)."""
     repeats = int(ctx.options.get("repeats", 1 if ctx.quick else 3))
     only = ctx.options.get("scripts")
-    scripts = [s for s in SCRIPTS if (s.path in QUICK_SCRIPTS if ctx.quick else (not only or s.path in only))]
+    scripts = [s for s in SCRIPTS if s.path in QUICK_SCRIPTS] if ctx.quick else list(SCRIPTS)
+    if only and not ctx.quick:
+        scripts = [next(s for s in SCRIPTS if s.path == path) for path in only]  # in the order asked for
     base_root = ctx.options.get("base_root")
     report = ctx.out_dir / f".startup_modules_{os.getpid()}.json"
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -192,8 +198,10 @@ def run(ctx: Context) -> list[Row]:
     for script in scripts:
         cases = [("help", ["--help"], 0)] + ([("missing", list(script.missing), 1)] if script.missing else [])
         for case, argv, expect_rc in cases:
-            metrics = measure_case(script.path, argv, expect_rc, repeats, report, base_root)
+            metrics = measure_case(script.path, argv, expect_rc, repeats, report, base_root,
+                                   modules=bool(ctx.options.get("modules", True)))
             rows.append(Row(SUITE, f"{script.path} {case}", {"argv": argv, "repeats": repeats}, metrics))
+            logger.info("%s %s: %s", script.path, case, metrics)  # rows as they come: long runs on busy machines
     return rows
 
 
@@ -219,16 +227,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile", type=str, default=None, help="print the -X importtime top list of this script")
     parser.add_argument("--missing", action="store_true", help="with --profile: the missing-file case, not --help")
+    parser.add_argument("--no_modules", action="store_true", help="skip the extra run that lists the heavy modules")
     parser.add_argument("--base_root", type=str, default=None,
                         help="another checkout (e.g. the commit before): its scripts run alternately with these")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.profile:
         script = next(s for s in SCRIPTS if s.path == args.profile)
         for self_s, cumulative, name in import_profile([script.path, *(script.missing if args.missing else ["--help"])]):
             print(f"{cumulative:7.3f} s cumulative {self_s:7.3f} s self  {name}")
         return 0
     ctx = Context(out_dir=Path(args.out_dir).resolve(), quick=args.quick,
-                  options={"repeats": args.repeats, "scripts": args.scripts,
+                  options={"repeats": args.repeats, "scripts": args.scripts, "modules": not args.no_modules,
                            "base_root": Path(args.base_root).resolve() if args.base_root else None})
     print(format_table(run(ctx)))
     return 0

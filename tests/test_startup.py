@@ -123,3 +123,17 @@ def test_tool_stopping_at_missing_file_loads_no_model_code(tmp_path, script, arg
     first, errors = _run_cases([(script, argv)], NOT_BEFORE_MODEL)
     assert "none.safetensors" in errors[0] and "not found" in errors[0], errors
     assert not first, f"imported before the input file was found: {first}"
+
+
+def test_startup_benchmark_quick_mode(tmp_path):
+    """benchmarks/suite_startup.py in --quick mode: its rows, measured CPU times, heavy-module lists."""
+    from benchmarks.common import Context
+    from benchmarks.suite_startup import QUICK_SCRIPTS, run
+
+    rows = run(Context(out_dir=tmp_path, quick=True))
+    assert [row.name for row in rows] == [f"{script} {case}" for script in QUICK_SCRIPTS for case in ("help", "missing")]
+    assert all(row.metrics["cpu_s"] > 0 and row.metrics["wall_s"] > 0 for row in rows)
+    heavy = {row.name: row.metrics["heavy"].split() for row in rows}
+    assert "torch" in heavy["train_network.py missing"] and "accelerate" in heavy["train_network.py missing"]
+    assert not {"diffusers", "transformers"} & set(heavy["train_network.py missing"])
+    assert heavy["tools/show_metadata.py help"] == ["-"]  # reads a safetensors header: no torch at all
