@@ -12,7 +12,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from library import gen_args, gen_img  # noqa: E402
+from library import gen_args  # noqa: E402
 from library.cli import run_main  # noqa: E402
 
 
@@ -22,6 +22,8 @@ def setup_parser():
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = gen_args.parse_args(argv)
+    from library import gen_img  # models, pipelines and networks: after the flags are checked
+
     return gen_img.run(args, stdin=sys.stdin)
 
 

@@ -26,6 +26,7 @@ from benchmarks.common import Context, Row, format_table, write_json  # noqa: E4
 SUITES: dict[str, str] = {
     "quality": "suite_quality",
     "training": "suite_training",
+    "startup": "suite_startup",
 }
 
 

@@ -21,12 +21,10 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from accelerate import init_empty_weights
-from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -35,6 +33,9 @@ from library.control_hint import get_preprocessor, prepare_hint
 from library.errors import UserError
 from library.io_util import atomic_dir, atomic_path
 from library.model_util import LdmFile, _assign_weights, _finish, _with_path
+
+if TYPE_CHECKING:  # diffusers is imported when a ControlNet is built: the generator's checks run first
+    from diffusers import ControlNetModel, UNet2DConditionModel
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ def load_control_net(
 def _load_folder(path: Path, dtype: torch.dtype) -> ControlNetModel:
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a diffusers ControlNet folder (no config.json)")
+    from diffusers import ControlNetModel
+
     try:
         return ControlNetModel.from_pretrained(str(path), torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as err:
@@ -161,6 +164,9 @@ def _build(
     shapes: Mapping[str, Sequence[int]], get, source: Path, v2: bool, dtype: torch.dtype, copy: bool
 ) -> ControlNetModel:
     """Build a ControlNetModel from original-layout shapes and a getter of original-layout tensors."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+
     config = infer_control_net_config(shapes, v2)
     with init_empty_weights():
         model = ControlNetModel(**config)

@@ -44,7 +44,6 @@ from library.gen_pipeline import (
 )
 from library.model_hash import model_hash
 from library.model_util import load_target_model
-from library.slicing_vae import set_vae_slices
 from library.png_info import ImageRecord, image_file_name, text_chunks
 from library.sampling import save_png
 
@@ -254,6 +253,8 @@ def load_generator(args: argparse.Namespace) -> Generator:
     for model in (loaded.unet, loaded.vae, loaded.text_encoder):
         model.eval().requires_grad_(False)
     _set_attention(args, loaded.unet)
+    from library.slicing_vae import set_vae_slices  # diffusers VAE blocks: only once a model is loaded
+
     set_vae_slices(loaded.vae, args.vae_slices)
     control_nets = load_from_args(args, loaded.unet, loaded.v2, dtype, device)
     networks = load_networks(args, loaded.text_encoder, loaded.unet, loaded.vae, dtype, device)

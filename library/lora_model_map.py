@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from accelerate import init_empty_weights
-from diffusers import UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from library import sd_config, sd_keys
 from library.errors import UserError
@@ -116,6 +113,10 @@ class ModelTargets:
 
     @classmethod
     def _open_single_file(cls, path: Path) -> "ModelTargets":
+        from accelerate import init_empty_weights  # model classes only once a model is opened
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
         ldm = LdmFile(path)
         try:
             if any(k.startswith("conditioner.embedders.") for k in ldm.shapes):
@@ -159,6 +160,10 @@ class ModelTargets:
         for part in ("unet", "text_encoder"):
             if not (path / part / "config.json").is_file():
                 raise UserError(f"{path}: not a Diffusers model folder ('{part}/config.json' is missing)")
+        from accelerate import init_empty_weights
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
         try:
             unet_config = UNet2DConditionModel.load_config(str(path / "unet"))
             te_config = CLIPTextConfig.from_pretrained(str(path / "text_encoder"))

@@ -18,13 +18,15 @@ import argparse
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
-from diffusers import AutoencoderKL
 
 from library import model_util
 from library.errors import UserError
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 logger = logging.getLogger(__name__)
 

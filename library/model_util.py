@@ -15,13 +15,14 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
-from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+if TYPE_CHECKING:  # the model classes are imported where models are built: checks and --help stay fast
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 from library import sd_config, sd_keys
 from library.errors import UserError
@@ -212,6 +213,9 @@ def _with_path(err: UserError, path: Path) -> UserError:
 def _unet_from_ldm(
     ldm: LdmFile, v2: bool, dtype: torch.dtype, use_linear_projection: bool | None
 ) -> UNet2DConditionModel:
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
     config = sd_config.infer_unet_config(ldm.shapes, v2)
     if use_linear_projection is not None:
         config["use_linear_projection"] = use_linear_projection
@@ -232,6 +236,9 @@ def _vae_from_shapes(
     dtype: torch.dtype,
     copy: bool,
 ) -> AutoencoderKL:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+
     config = sd_config.infer_vae_config(shapes_ldm, prefix)
     with init_empty_weights():
         vae = AutoencoderKL.from_config(config)
@@ -243,6 +250,9 @@ def _vae_from_shapes(
 
 
 def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype) -> CLIPTextModel:
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     config = CLIPTextConfig(**sd_config.infer_text_encoder_config(ldm.shapes, v2))
     with init_empty_weights():
         text_encoder = CLIPTextModel(config)
@@ -336,6 +346,9 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> tuple[UNet2DCondit
     for part in ("unet", "vae", "text_encoder"):
         if not (path / part / "config.json").is_file():
             raise UserError(f"{path}: not a Diffusers model folder ('{part}/config.json' is missing)")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
     try:
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype)
@@ -360,6 +373,8 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> Autoencode
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
         if not (folder / "config.json").is_file():
             raise UserError(f"{path}: not a Diffusers VAE folder (no config.json)")
+        from diffusers import AutoencoderKL
+
         try:
             vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype)
         except (OSError, ValueError, RuntimeError) as err:

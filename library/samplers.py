@@ -9,22 +9,11 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2AncestralDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from library.errors import UserError
 
@@ -53,24 +42,26 @@ SAMPLER_NAMES = [
     "k_dpm_2_a",
 ]
 
-_SCHEDULER_CLASSES: dict[str, type[SchedulerMixin]] = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,  # accepted by get_sampler, though not an argparse choice (needs many steps)
-    "pndm": PNDMScheduler,
-    "lms": LMSDiscreteScheduler,
-    "k_lms": LMSDiscreteScheduler,
-    "euler": EulerDiscreteScheduler,
-    "k_euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "k_euler_a": EulerAncestralDiscreteScheduler,
-    "dpmsolver": DPMSolverMultistepScheduler,
-    "dpmsolver++": DPMSolverMultistepScheduler,
-    "dpmsingle": DPMSolverSinglestepScheduler,
-    "heun": HeunDiscreteScheduler,
-    "dpm_2": KDPM2DiscreteScheduler,
-    "k_dpm_2": KDPM2DiscreteScheduler,
-    "dpm_2_a": KDPM2AncestralDiscreteScheduler,
-    "k_dpm_2_a": KDPM2AncestralDiscreteScheduler,
+# diffusers class names, imported when a scheduler is made: the name checks (argparse, prompt
+# files) run without importing diffusers
+_SCHEDULER_CLASSES: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",  # accepted by get_sampler, though not an argparse choice (needs many steps)
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "k_lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "k_euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "k_euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "dpmsingle": "DPMSolverSinglestepScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm_2": "KDPM2DiscreteScheduler",
+    "k_dpm_2": "KDPM2DiscreteScheduler",
+    "dpm_2_a": "KDPM2AncestralDiscreteScheduler",
+    "k_dpm_2_a": "KDPM2AncestralDiscreteScheduler",
 }
 
 
@@ -96,8 +87,10 @@ def check_sampler_name(name: str, source: str = "--sample_sampler / --sampler") 
 
 def get_sampler(name: str, v_parameterization: bool = False) -> SchedulerMixin:
     """A fresh diffusers scheduler for an sd-scripts sampler name (case-insensitive)."""
+    import diffusers
+
     key = check_sampler_name(name)
-    scheduler_class = _SCHEDULER_CLASSES[key]
+    scheduler_class = getattr(diffusers, _SCHEDULER_CLASSES[key])
     init_args = _common_args(v_parameterization)
     accepted = inspect.signature(scheduler_class.__init__).parameters
     if key in ("dpmsolver", "dpmsolver++"):
@@ -118,4 +111,6 @@ def get_sampler(name: str, v_parameterization: bool = False) -> SchedulerMixin:
 
 def get_noise_scheduler(v_parameterization: bool = False) -> DDPMScheduler:
     """The DDPM scheduler used for adding noise in training (no sample clipping)."""
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(**_common_args(v_parameterization), clip_sample=False)

@@ -13,8 +13,6 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import diffusers
-
 from library.errors import UserError
 
 Shapes = Mapping[str, Sequence[int]]
@@ -131,6 +129,8 @@ def diffusers_scheduler_config(v2: bool, v_parameterization: bool | None = None)
 
 def model_index(scheduler_class: str) -> dict[str, Any]:
     """model_index.json of a StableDiffusionPipeline folder without safety checker."""
+    import diffusers  # its version only: not paid by every script that infers configs
+
     return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -149,6 +149,8 @@ def write_pipeline_support_files(
     folder: Path, v2: bool, v_parameterization: bool | None = None, tokenizer_cache_dir: str | Path | None = None
 ) -> None:
     """Write model_index.json, scheduler/ and tokenizer/ of a Diffusers folder (offline)."""
+    import diffusers
+
     from library.tokenizer_util import load_tokenizer
 
     folder = Path(folder)

@@ -15,7 +15,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 from library.io_util import write_text_atomic
 
@@ -275,6 +274,8 @@ def judge_image(image: Image.Image | np.ndarray, shapes: Sequence[str] = BASE_SH
     histogram = {name: float(v) for name, v in zip(COLOURS, np.bincount(classes.ravel(), minlength=len(COLOURS)) / classes.size)}
     border = np.concatenate([classes[0], classes[-1], classes[:, 0], classes[:, -1]])
     background = int(np.bincount(border, minlength=len(COLOURS)).argmax())
+    from scipy import ndimage  # the judge only: drawing scenes (training data) does without scipy
+
     labels, count = ndimage.label(classes != background)
     if count == 0:
         return Judgement(COLOURS[background], None, None, None, 0.0, histogram)

@@ -18,16 +18,18 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.sd_config import SD15_TEXT_ENCODER_CONFIG, SD_VAE_CONFIG, VAE_SCALING_FACTOR
 from library.shape_scenes import BASE_SHAPES, caption, make_scenes, scenes_to_array
+
+if TYPE_CHECKING:  # the model classes are imported in build_models: the tool's --help does without them
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,9 @@ def build_models(config: TinyBaseConfig) -> tuple[UNet2DConditionModel, Autoenco
         raise ValueError("the VAE needs 4 levels: SD files and tools assume 8x downsampling")
     if config.resolution % 8 or config.vae_crop % 8:
         raise ValueError("resolution and VAE crop must be multiples of 8")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     levels = len(config.unet_channels)
     unet = UNet2DConditionModel(
         sample_size=config.resolution // 8,

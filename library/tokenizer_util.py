@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-from transformers import CLIPTokenizer
+from typing import TYPE_CHECKING
 
 from library.io_util import atomic_dir
+
+if TYPE_CHECKING:  # transformers is imported when a tokenizer is loaded, not with this module
+    from transformers import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ def load_tokenizer(v2: bool = False, tokenizer_cache_dir: str | Path | None = No
     With `tokenizer_cache_dir`, a tokenizer saved there earlier (by this toolkit or by
     sd-scripts) is used; otherwise the packaged one is built and saved there for next time.
     """
+    from transformers import CLIPTokenizer
+
     if tokenizer_cache_dir is not None:
         cached = _cache_folder(tokenizer_cache_dir, v2)
         if (cached / "tokenizer_config.json").is_file():

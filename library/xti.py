@@ -33,7 +33,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from library.errors import UserError
 
@@ -195,6 +194,10 @@ class XTITextEncoder(nn.Module):
         hidden = None
         if output.hidden_states is not None:
             hidden = tuple(self._fold(h, count) for h in output.hidden_states)
+        # transformers is imported here, not with the module: textual inversion's --help and flag
+        # checks do without it (its package import alone takes about a second)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         return BaseModelOutputWithPooling(
             last_hidden_state=self._fold(output.last_hidden_state, count), pooler_output=None, hidden_states=hidden
         )

@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.model_util import save_diffusers_checkpoint, save_stable_diffusion_checkpoint  # noqa: E402
-from library.tiny_sd import build_tiny_models  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +35,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = setup_parser().parse_args(argv)
+    from library.tiny_sd import build_tiny_models  # diffusers / transformers: not for --help
+
     output = Path(args.output)
     unet, vae, text_encoder = build_tiny_models(v2=args.v2, seed=args.seed)
     if output.suffix.lower() in SINGLE_FILE_SUFFIXES:
