@@ -173,7 +173,7 @@ class Floor:
                 return self.text_encoder(self.input_ids)[0]
         # make the embedding output a leaf that needs a gradient: every encoder layer then
         # carries the gradient back, as a LoRA on the text encoder needs, without weight grads
-        embeddings = self.text_encoder.text_model.embeddings
+        embeddings = self.text_encoder.get_input_embeddings()  # the token embedding
         handle = embeddings.register_forward_hook(lambda module, inputs, output: output.detach().requires_grad_(True))
         try:
             return self.text_encoder(self.input_ids)[0]
@@ -244,9 +244,7 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
     with profile.stage("set-up (flags, accelerate, dataset)"):
         runner.setup()
     with profile.stage("model loading + latent caching"):
-        runner.load_models()
-        if hasattr(runner, "cache_latents_early"):
-            runner.cache_latents_early()
+        runner.load_models()  # with cached latents and no samples, caching happens in here
     with profile.stage("prepare (network, optimizer, accelerate)"):
         runner.prepare()
 
@@ -348,7 +346,7 @@ def format_report(profile: Profile, info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=str, default=None, help=f"SD single file or Diffusers folder (default {DEFAULT_MODEL})")
     parser.add_argument("--out_dir", type=str, default="bench_output/lora_profile", help="data, outputs and profile.json")
@@ -361,7 +359,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--measured", action="store_true", help="also run train_network.py in a fresh child (peak RSS)")
     parser.add_argument("--train_args", type=str, nargs=argparse.REMAINDER, default=[],
                         help="extra train_network.py flags (last; e.g. --network_train_unet_only)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = setup_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
