@@ -112,11 +112,31 @@ def test_no_metadata_reads_no_model_hash(workspace, tmp_path, monkeypatch):
     assert metadata["ss_sd_model_hash"] == model_hash.model_hash(workspace["model"])
 
 
+GUIDE = th.REPO_ROOT / "docs" / "lora_profile.md"
+
+
+def _guide_example() -> list[str]:
+    line = next(l for l in GUIDE.read_text(encoding="utf-8").splitlines() if l.startswith("python3 benchmarks/lora_profile.py --quick"))
+    return line.split()[1:]
+
+
+def test_every_lora_profile_flag_is_in_its_guide():
+    from benchmarks import lora_profile
+
+    text = GUIDE.read_text(encoding="utf-8")
+    flags = [o for a in lora_profile.setup_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    assert len(flags) == 10
+    for flag in flags:
+        assert f"`{flag}`" in text, flag
+
+
 def test_lora_profile_quick_reports_stages_parts_and_floor(tmp_path):
+    """The guide's worked example, run as written (into a temporary --out_dir)."""
     out = tmp_path / "profile"
+    argv = _guide_example()
+    argv[argv.index("--out_dir") + 1] = str(out)
     done = subprocess.run(
-        [sys.executable, "benchmarks/lora_profile.py", "--quick", "--floor", "--out_dir", str(out), "--threads", "1"],
-        cwd=th.REPO_ROOT, capture_output=True, text=True, encoding="utf-8", timeout=600,
+        [sys.executable, *argv], cwd=th.REPO_ROOT, capture_output=True, text=True, encoding="utf-8", timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "profile.json").read_text(encoding="utf-8"))
