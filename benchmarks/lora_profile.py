@@ -301,6 +301,77 @@ def measured_run(argv: Sequence[str], out_dir: Path, threads: int) -> dict[str, 
     return {"wall_s": result.wall_s, "peak_rss_mib": result.peak_rss_mib}
 
 
+# --- micro-benchmarks (no model weights: full-size shapes only) ------------------------------
+def micro_optimizer(steps: int = 30) -> dict[str, Any]:
+    """AdamW step time over the full-size SD 1.5 LoRA (dim 8, 528 tensors): default (for-loop),
+    foreach and fused, and whether each gives bit-identical weights to the default."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import networks.lora as lora
+    from library import sd_config
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(dict(sd_config.SD15_UNET_CONFIG))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**sd_config.SD15_TEXT_ENCODER_CONFIG))
+    shapes = [p.shape for p in lora.create_network(1.0, 8, 8, None, text_encoder, unet).parameters()]
+
+    def run(option: Optional[str]) -> tuple[float, list[Any]]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, **({option: True} if option else {}))
+        times = []
+        for _ in range(steps):
+            for param in params:
+                param.grad = torch.randn_like(param) * 1e-3
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[3:]), params
+
+    base_s, base = run(None)
+    out: dict[str, Any] = {"tensors": len(shapes), "params": sum(int(torch.Size(s).numel()) for s in shapes),
+                           "default_ms": base_s * 1000}
+    for option in ("foreach", "fused"):
+        seconds, params = run(option)
+        out[f"{option}_ms"] = seconds * 1000
+        out[f"{option}_bit_identical"] = all(torch.equal(a, b) for a, b in zip(base, params))
+        out[f"{option}_max_abs_diff"] = max(float((a - b).detach().abs().max()) for a, b in zip(base, params))
+    return out
+
+
+def micro_lora_layers(layers: int = 264, width: int = 320, tokens: int = 64, repeats: int = 30) -> dict[str, Any]:
+    """Forward + backward of `layers` frozen Linear layers with and without a dim-8 LoRA on each,
+    interleaved: the per-module cost of the LoRA path on the small shapes of a 64 px step."""
+    import torch
+
+    import networks.lora as lora
+
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).requires_grad_(False)
+    modules = [lora.LoRAModule(f"m{i}", layer, 1.0, 8, 8) for i, layer in enumerate(stack)]
+    x0 = torch.randn(1, tokens, width)
+
+    def step(with_lora: bool) -> float:
+        for module in modules:
+            (module.apply_to if with_lora else module.restore)()
+        x = x0.clone().requires_grad_(True)
+        start = time.perf_counter()
+        stack(x).square().mean().backward()
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        step(True), step(False)
+    pairs = [(step(True), step(False)) for _ in range(repeats)]
+    return {
+        "lora_ms": statistics.median(a for a, _ in pairs) * 1000,
+        "bare_ms": statistics.median(b for _, b in pairs) * 1000,
+        "lora_over_bare": statistics.median(a / b for a, b in pairs),
+    }
+
+
 # --- report -----------------------------------------------------------------------------------
 def summary(profile: Profile) -> dict[str, Any]:
     parts = {name: median_after_warmup(values) for name, values in profile.step_parts.items()}
@@ -357,6 +428,8 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--floor", action="store_true", help="interleave the bare fwd+bwd floor with every step")
     parser.add_argument("--torch_profile", action="store_true", help="also list the top operators (torch.profiler)")
     parser.add_argument("--measured", action="store_true", help="also run train_network.py in a fresh child (peak RSS)")
+    parser.add_argument("--micro", action="store_true",
+                        help="only the micro-benchmarks: AdamW default/foreach/fused on the full-size LoRA shapes, LoRA layer overhead")
     parser.add_argument("--train_args", type=str, nargs=argparse.REMAINDER, default=[],
                         help="extra train_network.py flags (last; e.g. --network_train_unet_only)")
     return parser
@@ -370,8 +443,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.set_num_threads(args.threads)
     from benchmarks.common import write_random_sd_model
+    from library.io_util import write_text_atomic
 
     out_dir = Path(args.out_dir).resolve()
+    if args.micro:
+        micro = {"optimizer": micro_optimizer(), "lora_layers": micro_lora_layers()}
+        print(json.dumps(micro, indent=2))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "micro.json", json.dumps(micro, indent=2) + "\n")
+        return 0
     steps = 4 if args.quick and args.steps == 20 else args.steps
     if args.model:
         model = Path(args.model)
@@ -387,8 +467,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         out_dir, args.threads)
     info = summary(profile)
     print(format_report(profile, info))
-    from library.io_util import write_text_atomic
-
     write_text_atomic(out_dir / "profile.json", json.dumps({**asdict(profile), "summary": info}, indent=2) + "\n")
     return 0
 

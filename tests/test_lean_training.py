@@ -125,7 +125,7 @@ def test_every_lora_profile_flag_is_in_its_guide():
 
     text = GUIDE.read_text(encoding="utf-8")
     flags = [o for a in lora_profile.setup_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
-    assert len(flags) == 10
+    assert len(flags) == 11
     for flag in flags:
         assert f"`{flag}`" in text, flag
 
@@ -151,3 +151,15 @@ def test_lora_profile_quick_reports_stages_parts_and_floor(tmp_path):
     assert "final save" in report["after_last_step"]
     assert "LoRA step / floor" in done.stdout
     assert (out / "output" / "lora.safetensors").is_file()
+
+
+def test_adamw_foreach_default_trains_bit_identically_to_the_loop(workspace, tmp_path):
+    from library import optimizers
+
+    default, default_seen = _run(workspace, tmp_path / "foreach", "--cache_latents")
+    loop, loop_seen = _run(workspace, tmp_path / "loop", "--cache_latents", "--optimizer_args", "foreach=False")
+    assert default.step_losses == loop.step_losses
+    assert all(torch.equal(default_seen["network"][k], loop_seen["network"][k]) for k in loop_seen["network"])
+    args = th.parse(th.base_argv(workspace["model"], workspace["img"], tmp_path / "x"))
+    name, shown, optimizer = optimizers.get_optimizer(args, [torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.defaults["foreach"] is True and shown == ""  # ss_optimizer stays "torch.optim.adamw.AdamW"
