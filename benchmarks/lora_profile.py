@@ -220,24 +220,22 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
     profile = Profile()
     args = train_util.parse_args_with_config(train_network.setup_parser(), list(argv))
     floor_holder: dict[str, Floor] = {}
-    marks: dict[str, float] = {}
+    marks: dict[str, float] = {"floor_total": 0.0}
 
     class ProfiledMethod(train_network.NetworkTrainingMethod):
         def on_step_end(self, ctx: Any) -> None:
             super().on_step_end(ctx)
-            now = time.perf_counter()
-            if "step_end" in marks:
-                profile.add("step", now - marks["step_end"])
-            if with_floor:
-                floor = floor_holder.get("floor")
-                if floor is None:
-                    reso = args.resolution if isinstance(args.resolution, (tuple, list)) else (args.resolution,) * 2
-                    hw = (int(reso[1]) // 8, int(reso[0]) // 8)
-                    floor = floor_holder["floor"] = Floor(ctx, self.network, hw, args.train_batch_size)
-                profile.floor_both.append(floor.step(with_text_encoder=True))
-                profile.floor_unet.append(floor.step(with_text_encoder=False))
-            marks["step_end"] = time.perf_counter()
-            marks["last_step_end_wall"] = marks["step_end"]
+            if not with_floor:
+                return
+            start = time.perf_counter()
+            floor = floor_holder.get("floor")
+            if floor is None:
+                reso = args.resolution if isinstance(args.resolution, (tuple, list)) else (args.resolution,) * 2
+                hw = (int(reso[1]) // 8, int(reso[0]) // 8)
+                floor = floor_holder["floor"] = Floor(ctx, self.network, hw, args.train_batch_size)
+            profile.floor_both.append(floor.step(with_text_encoder=True))
+            profile.floor_unet.append(floor.step(with_text_encoder=False))
+            marks["floor_total"] += time.perf_counter() - start  # not part of the training step
 
     method = ProfiledMethod(args)
     runner = train_core._Runner(args, method, train_core.TrainHooks())
@@ -249,7 +247,19 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
         runner.prepare()
 
     runner._loss = _timed(profile, "data + forward + loss", runner._loss)
-    runner._optimizer_step = _timed(profile, "optimizer step + bookkeeping", runner._optimizer_step)
+    original_step = runner._optimizer_step
+
+    def optimizer_step(*step_args: Any) -> None:
+        start, floor_before = time.perf_counter(), marks["floor_total"]
+        original_step(*step_args)
+        end = time.perf_counter()
+        floor_seconds = marks["floor_total"] - floor_before
+        profile.add("optimizer step + bookkeeping", end - start - floor_seconds)
+        if "step_end" in marks:  # a step: from the end of one optimizer step to the end of the next
+            profile.add("step", end - marks["step_end"] - floor_seconds)
+        marks["step_end"] = marks["last_step_end_wall"] = end
+
+    runner._optimizer_step = optimizer_step
     accelerator = runner.ctx.accelerator
     accelerator.backward = _timed(profile, "backward", accelerator.backward)
     saves: dict[str, float] = {}
