@@ -90,7 +90,9 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
     def prepare_dataset(self, args: argparse.Namespace, dataset_group: Any) -> None:
         # the metadata's ss_new_sd_model_hash reads the whole model file: hash it in the
         # background while the model loads, instead of at the first save (seconds on a 4 GB file)
-        if self._writes_metadata():
+        from accelerate import PartialState  # set up by the core before this hook runs
+
+        if self._writes_metadata() and PartialState().is_main_process:  # only the main process saves
             for path in (args.pretrained_model_name_or_path, getattr(args, "vae", None)):
                 if path:
                     model_hash.prefetch_sha256(path)
