@@ -211,12 +211,32 @@ def release_weights(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def return_freed_memory() -> None:
+    """Give heap memory freed by Python/torch back to the OS (glibc `malloc_trim`; elsewhere a
+    no-op). Freed weights otherwise stay in the process's heap, and the models loaded next do
+    not reuse all of it: measured 127 MiB of a freed 320 MiB VAE stayed resident."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return
+    trim(0)
+
+
 def _use_then_release(
     vae: AutoencoderKL, use: Callable[[AutoencoderKL], None], dtype: torch.dtype, device: str | torch.device
 ) -> AutoencoderKL:
     vae = _finish(vae, dtype, device)
     use(vae)
-    return release_weights(vae)
+    release_weights(vae)
+    return_freed_memory()  # before the U-Net and text encoder allocate theirs
+    return vae
 
 
 def _with_path(err: UserError, path: Path) -> UserError:
