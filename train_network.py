@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from library import modelspec, train_core, train_metadata, train_util
+from library import model_hash, modelspec, train_core, train_metadata, train_util
 from library.cli import run_main
 from library.errors import UserError
 
@@ -108,6 +108,19 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
     def model_load_dtype(self, args: argparse.Namespace, weight_dtype: torch.dtype) -> torch.dtype:
         return weight_dtype  # the base model is frozen: no fp32 copy needed
 
+    def prepare_dataset(self, args: argparse.Namespace, dataset_group: Any) -> None:
+        # the metadata's ss_new_sd_model_hash reads the whole model file: hash it in the
+        # background while the model loads, instead of at the first save (seconds on a 4 GB file)
+        from accelerate import PartialState  # set up by the core before this hook runs
+
+        if self._writes_metadata() and PartialState().is_main_process:  # only the main process saves
+            for path in (args.pretrained_model_name_or_path, getattr(args, "vae", None)):
+                if path:
+                    model_hash.prefetch_sha256(path)
+
+    def _writes_metadata(self) -> bool:
+        return not self.args.no_metadata and (self.args.save_model_as or "safetensors") == "safetensors"
+
     # network ---------------------------------------------------------------------
     def _network_module(self):
         name = self.args.network_module
@@ -178,6 +191,7 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
                 optimizer_name=ctx.optimizer_name,
                 optimizer_args=ctx.optimizer_args,
                 network_args=self.network_kwargs or None,
+                hash_models=self._writes_metadata(),
             )
         return self._metadata
 

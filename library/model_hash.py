@@ -5,13 +5,15 @@
 * `sshs_legacy_hash`: first 8 hex digits of SHA-256 of the 64 KiB at offset 1 MiB of the
   serialisation that carries only the `ss_*` metadata.
 * `model_hash(path)`: the A1111 legacy checkpoint hash (same 1 MiB / 64 KiB rule on a file).
-* `calculate_sha256(path)`: SHA-256 of a whole file.
+* `calculate_sha256(path)`: SHA-256 of a whole file (`prefetch_sha256(path)` starts it in the
+  background, so that a trainer's metadata hash overlaps model loading).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 from typing import BinaryIO, Mapping, Union
 
@@ -71,10 +73,71 @@ def model_hash(path: Union[str, os.PathLike]) -> str:
         return addnet_hash_legacy(stream)
 
 
-def calculate_sha256(path: Union[str, os.PathLike]) -> str:
-    """SHA-256 (64 hex) of the whole file."""
+def _sha256_of_file(path: Union[str, os.PathLike]) -> str:
     sha = hashlib.sha256()
+    buffer = bytearray(_READ_BLOCK)
+    view = memoryview(buffer)
     with _open_for_hash(path) as stream:
-        for block in iter(lambda: stream.read(_READ_BLOCK), b""):
-            sha.update(block)
+        while True:
+            count = stream.readinto(buffer)
+            if not count:
+                break
+            sha.update(view[:count])
     return sha.hexdigest()
+
+
+class _Sha256Job:
+    """One file hashed in a daemon thread (hashlib releases the GIL while it hashes)."""
+
+    def __init__(self, path: Path) -> None:
+        self._result: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), name=f"sha256 {path.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._result = _sha256_of_file(path)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller of wait()
+            self._error = err
+
+    def wait(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+# (resolved path, size, mtime_ns) -> job; a changed file gets a new key and is hashed again
+_PREFETCHED: dict[tuple[str, int, int], _Sha256Job] = {}
+_PREFETCH_LOCK = threading.Lock()
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def prefetch_sha256(path: Union[str, os.PathLike]) -> None:
+    """Start hashing `path` in the background; `calculate_sha256` of the unchanged file then
+    waits for that result instead of reading the file again. A trainer calls it at start, so the
+    hash of a multi-GB model overlaps loading it instead of delaying the first save."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    key = _file_key(path)
+    with _PREFETCH_LOCK:
+        if key not in _PREFETCHED:
+            _PREFETCHED[key] = _Sha256Job(path)
+
+
+def calculate_sha256(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 (64 hex) of the whole file (the background result of `prefetch_sha256` when there is one)."""
+    path = Path(path)
+    if path.is_file():
+        with _PREFETCH_LOCK:
+            job = _PREFETCHED.get(_file_key(path))
+        if job is not None:
+            return job.wait()
+    return _sha256_of_file(path)

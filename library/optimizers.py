@@ -183,6 +183,11 @@ def get_optimizer(args: argparse.Namespace, trainable_params: Any) -> tuple[str,
     logger.info("use %s optimizer | %s", optimizer_type, kwargs)
     # sd-scripts passes `nesterov=True` as a kwarg, so it is not part of ss_optimizer's args
     ctor_kwargs = dict(kwargs)
+    if key == "adamw" and "foreach" not in kwargs and "fused" not in kwargs:
+        # torch picks the per-tensor loop on CPU; the foreach path gives bit-identical weights
+        # and is faster over a LoRA's hundreds of small tensors (benchmarks/RESULTS.md). Not
+        # part of ss_optimizer: the file's metadata stays what sd-scripts writes.
+        ctor_kwargs["foreach"] = True
     shown_kwargs = {k: v for k, v in kwargs.items() if not (k == "nesterov" and key.startswith("sgdnesterov"))}
     try:
         optimizer = optimizer_class(params, lr=lr, **ctor_kwargs)

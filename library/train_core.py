@@ -200,22 +200,31 @@ def _build_dataset_group(args: argparse.Namespace, method: TrainingMethod, accel
     return group
 
 
-def _cache_latents(args: argparse.Namespace, ctx: TrainContext, device: torch.device) -> None:
-    """Encode every image once with the VAE; the VAE then leaves the accelerator."""
+def _cache_latents(
+    args: argparse.Namespace, vae: nn.Module, dataset_group: Any, accelerator: Any, weight_dtype: torch.dtype,
+    resume_stage: str = "setup",
+) -> None:
+    """Encode every image once with the VAE; the VAE then leaves the accelerator.
+    `resume_stage`: the timing stage the caching interrupted (loading, when the VAE loads first)."""
     stage_timer.mark("caching")
-    vae = ctx.models.vae
-    _place(vae, device, nonfinite.vae_dtype(args, ctx.weight_dtype))
+    device = accelerator.device
+    _place(vae, device, nonfinite.vae_dtype(args, weight_dtype))
     vae.eval()
     with torch.no_grad():
-        ctx.dataset_group.cache_latents(
+        dataset_group.cache_latents(
             vae, getattr(args, "vae_batch_size", 1) or 1, bool(getattr(args, "cache_latents_to_disk", False)),
-            ctx.accelerator.is_main_process,
+            accelerator.is_main_process,
         )
     vae.to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    ctx.accelerator.wait_for_everyone()
-    stage_timer.mark("setup")
+    accelerator.wait_for_everyone()
+    stage_timer.mark(resume_stage)
+
+
+def _vae_needed_after_caching(args: argparse.Namespace, sample_prompts: Sequence[Any]) -> bool:
+    """With cached latents, only sample images use the VAE later (whole-model saves re-read it)."""
+    return not getattr(args, "cache_latents", False) or bool(sample_prompts)
 
 
 def _text_encode_fn(args: argparse.Namespace, ctx: TrainContext) -> Callable[[list[str]], torch.Tensor]:
@@ -352,6 +361,17 @@ class _Runner:
 
         args, method, accelerator, weight_dtype = self.args, self.method, self.accelerator, self.weight_dtype
         load_device = accelerator.device if getattr(args, "lowram", False) else torch.device("cpu")
+        self.latents_cached = False
+        use_vae_first = None
+        if not _vae_needed_after_caching(args, self.sample_prompts):
+            # cache latents before the U-Net and text encoder load; the VAE's weights are then
+            # freed, so the three models are never resident together (the run's memory peak)
+            def use_vae_first(vae: nn.Module) -> None:
+                if getattr(args, "xformers", False):  # as _set_attention does for the later models
+                    vae.enable_xformers_memory_efficient_attention()
+                _cache_latents(args, vae, self.dataset_group, accelerator, weight_dtype, resume_stage="loading")
+                self.latents_cached = True
+
         models = model_util.load_target_model(
             args.pretrained_model_name_or_path,
             v2=bool(getattr(args, "v2", False)),
@@ -360,6 +380,7 @@ class _Runner:
             dtype=method.model_load_dtype(args, weight_dtype),
             device=load_device,
             tokenizer_cache_dir=getattr(args, "tokenizer_cache_dir", None),
+            use_vae_first=use_vae_first,
         )
         if models.v2 and not args.v2:
             logger.info("the model is an SD v2 model: training as v2")
@@ -377,8 +398,8 @@ class _Runner:
         models = ctx.models
         device = accelerator.device
         _set_attention(args, models.unet, models.vae)
-        if args.cache_latents:
-            _cache_latents(args, ctx, device)
+        if args.cache_latents and not self.latents_cached:
+            _cache_latents(args, models.vae, ctx.dataset_group, accelerator, ctx.weight_dtype)
         torch.manual_seed(args.seed)  # network initialisation does not depend on what ran before
         method.setup(ctx)
 

@@ -30,7 +30,7 @@ def base_model_version(v2: bool, v_parameterization: bool) -> str:
     return "sd_v2_v" if v_parameterization else "sd_v2"
 
 
-def model_name_and_hashes(path: Optional[str], prefix: str) -> dict[str, Any]:
+def model_name_and_hashes(path: Optional[str], prefix: str, with_hashes: bool = True) -> dict[str, Any]:
     """`ss_{prefix}_name` (basename of a local path, else as given) and, for local files, the
     legacy A1111 hash and the full SHA-256 (`ss_{prefix}_hash`, `ss_new_{prefix}_hash`)."""
     if path is None:
@@ -39,7 +39,7 @@ def model_name_and_hashes(path: Optional[str], prefix: str) -> dict[str, Any]:
     name = str(path)
     local = Path(path)
     if local.exists():
-        if local.is_file():
+        if local.is_file() and with_hashes:
             entries[f"ss_{prefix}_hash"] = model_hash.model_hash(local)
             entries[f"ss_new_{prefix}_hash"] = model_hash.calculate_sha256(local)
         name = local.name
@@ -59,8 +59,10 @@ def network_training_metadata(
     optimizer_name: str,
     optimizer_args: str,
     network_args: Optional[Mapping[str, str]] = None,
+    hash_models: bool = True,
 ) -> dict[str, str]:
-    """All `ss_*` entries known at the start of a LoRA run, as strings."""
+    """All `ss_*` entries known at the start of a LoRA run, as strings. `hash_models=False` leaves
+    out the model file hashes (whole-file reads) when the metadata is not written anyway."""
     if session_id is None:
         session_id = random.randint(0, 2**32)
     if training_started_at is None:
@@ -116,8 +118,8 @@ def network_training_metadata(
     metadata.update(dataset_group.metadata_for_training(uses_dataset_config, total_batch_size))
     if network_args:
         metadata["ss_network_args"] = json.dumps(dict(network_args))
-    metadata.update(model_name_and_hashes(get("pretrained_model_name_or_path"), "sd_model"))
-    metadata.update(model_name_and_hashes(get("vae"), "vae"))
+    metadata.update(model_name_and_hashes(get("pretrained_model_name_or_path"), "sd_model", hash_models))
+    metadata.update(model_name_and_hashes(get("vae"), "vae", hash_models))
     return {key: str(value) for key, value in metadata.items()}
 
 

@@ -221,7 +221,11 @@ class LoRAModule(BaseLoRAModule):
                 mask = mask.unsqueeze(-1).unsqueeze(-1)
             lx = lx * mask
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
-        return self.lora_up(lx) * (self.multiplier * scale)
+        factor = self.multiplier * scale
+        up = self.lora_up(lx)
+        # x * 1.0 == x exactly: skipping the multiply (the usual alpha = rank case) saves one
+        # operator in the forward and one in the backward of each of the ~264 modules per step
+        return up if factor == 1.0 else up * factor
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         org_out = self.org_forward(x, *args, **kwargs)

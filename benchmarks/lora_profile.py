@@ -1,0 +1,485 @@
+"""Profile one LoRA training run: where a step's time goes and where memory peaks.
+
+    python3 benchmarks/lora_profile.py                      # full-size SD 1.5 (random weights), 20 steps
+    python3 benchmarks/lora_profile.py --floor              # + the bare fwd+bwd floor, side by side
+    python3 benchmarks/lora_profile.py --measured           # + train_network.py in a fresh child (peak RSS)
+    python3 benchmarks/lora_profile.py --quick --floor      # small model, seconds (what the tests run)
+
+The run is the LoRA bench of ../shared/BASELINE.md (64 px, batch 1, dim 8, fp32, AdamW,
+--cache_latents, SDPA, OMP_NUM_THREADS=2), trained in this process through the same stages as
+`train_core.run_training`. Reported:
+
+- per stage (set-up, model loading + latent caching, prepare, loop, after the last step): seconds,
+  resident memory at its end and the peak within it (VmHWM, reset between stages through
+  /proc/self/clear_refs where the kernel allows it);
+- per step (median over steps after warm-up): data + forward + loss, backward, optimizer step and
+  the rest of the loop;
+- with `--floor`: after every training step, one bare forward + backward of the same frozen text
+  encoder and U-Net on the same shapes (gradients carried through every layer of both, no weight
+  gradients; LoRA routed out), and one of the U-Net alone. Interleaving makes the ratio
+  step / floor robust on a noisy machine;
+- with `--torch_profile N`: the top operators of N steps (torch.profiler), by self CPU time.
+
+Memory figures of the in-process run include this script's own few MiB; `--measured` gives the
+number to quote (the script run as a user runs it, peak RSS read by the child itself).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path("/work/bench_models/sd15_random.safetensors")
+WARMUP_STEPS = 2
+
+
+# --- memory of this process ---------------------------------------------------------------
+def _status_kib(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mib() -> Optional[float]:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def peak_mib() -> Optional[float]:
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib / 1024
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float
+    rss_end_mib: Optional[float]
+    peak_mib: Optional[float]  # within the stage when peaks can be reset, else since start
+
+
+@dataclass
+class Profile:
+    stages: list[Stage] = field(default_factory=list)
+    peak_resets: bool = False
+    step_parts: dict[str, list[float]] = field(default_factory=dict)
+    floor_both: list[float] = field(default_factory=list)
+    floor_unet: list[float] = field(default_factory=list)
+    after_last_step: dict[str, float] = field(default_factory=dict)
+    top_ops: list[dict[str, Any]] = field(default_factory=list)
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.peak_resets = reset_peak()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages.append(Stage(name, time.perf_counter() - start, rss_mib(), peak_mib()))
+
+    def add(self, part: str, seconds: float) -> None:
+        self.step_parts.setdefault(part, []).append(seconds)
+
+
+def median_after_warmup(values: Sequence[float]) -> Optional[float]:
+    kept = list(values[WARMUP_STEPS:]) or list(values)
+    return statistics.median(kept) if kept else None
+
+
+# --- the bench data --------------------------------------------------------------------
+def write_bench_images(folder: Path, count: int = 8) -> Path:
+    """BASELINE's data: `10_sks dog` with 64x64 and 96x64 PNGs and .txt captions; returns the parent."""
+    import numpy as np
+    from PIL import Image
+
+    images = folder / "10_sks dog"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        width = 64 if index % 2 == 0 else 96
+        pixels = rng.integers(0, 256, size=(64, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"img{index}.png")
+        (images / f"img{index}.txt").write_text(f"sks dog, photo {index}", encoding="utf-8")
+    return folder
+
+
+def bench_argv(model: Path, data: Path, out: Path, steps: int, resolution: int, extra: Sequence[str]) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+        "--caption_extension", ".txt", "--resolution", str(resolution), "--output_dir", str(out),
+        "--output_name", "lora", "--network_module", "networks.lora", "--network_dim", "8",
+        "--network_alpha", "8", "--learning_rate", "1e-4", "--optimizer_type", "AdamW",
+        "--train_batch_size", "1", "--max_train_steps", str(steps), "--seed", "42",
+        "--mixed_precision", "no", "--cache_latents", "--sdpa", "--max_data_loader_n_workers", "0",
+        "--save_model_as", "safetensors", *extra,
+    ]
+
+
+# --- the floor ---------------------------------------------------------------------------
+class Floor:
+    """Bare forward + backward of the frozen models on the training shapes (LoRA routed out)."""
+
+    def __init__(self, ctx: Any, network: Any, latent_hw: tuple[int, int], batch: int):
+        import torch
+
+        self.torch = torch
+        self.text_encoder, self.unet = ctx.models.text_encoder, ctx.models.unet
+        self.loras = list(network.text_encoder_loras) + list(network.unet_loras)
+        self.device = ctx.accelerator.device
+        tokenizer = ctx.models.tokenizer
+        self.input_ids = tokenizer(
+            ["sks dog, photo 0"] * batch, padding="max_length", max_length=tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.device)
+        channels = self.unet.config.in_channels
+        generator = torch.Generator().manual_seed(0)
+        self.latents = torch.randn((batch, channels, *latent_hw), generator=generator).to(self.device)
+        self.timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(self.device)
+
+    def _states(self, carry_grad: bool) -> Any:
+        torch = self.torch
+        if not carry_grad:
+            with torch.no_grad():
+                return self.text_encoder(self.input_ids)[0]
+        # make the embedding output a leaf that needs a gradient: every encoder layer then
+        # carries the gradient back, as a LoRA on the text encoder needs, without weight grads
+        embeddings = self.text_encoder.get_input_embeddings()  # the token embedding
+        handle = embeddings.register_forward_hook(lambda module, inputs, output: output.detach().requires_grad_(True))
+        try:
+            return self.text_encoder(self.input_ids)[0]
+        finally:
+            handle.remove()
+
+    def step(self, with_text_encoder: bool) -> float:
+        torch = self.torch
+        for lora in self.loras:
+            lora.restore()
+        try:
+            start = time.perf_counter()
+            states = self._states(with_text_encoder)
+            latents = self.latents.detach().requires_grad_(True)
+            out = self.unet(latents, self.timesteps, states, return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(out.float(), self.latents.float())
+            loss.backward()
+            seconds = time.perf_counter() - start
+        finally:
+            for lora in self.loras:
+                lora.apply_to()
+        return seconds
+
+
+# --- the profiled run ----------------------------------------------------------------------
+def _timed(profile: Profile, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            profile.add(part, time.perf_counter() - start)
+
+    return wrapper
+
+
+def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int = 0) -> Profile:
+    """Train once in this process, stage by stage, timing the parts of every step."""
+    import torch
+
+    import train_network
+    from library import train_core, train_util
+
+    profile = Profile()
+    args = train_util.parse_args_with_config(train_network.setup_parser(), list(argv))
+    floor_holder: dict[str, Floor] = {}
+    marks: dict[str, float] = {"floor_total": 0.0}
+
+    class ProfiledMethod(train_network.NetworkTrainingMethod):
+        def on_step_end(self, ctx: Any) -> None:
+            super().on_step_end(ctx)
+            if not with_floor:
+                return
+            start = time.perf_counter()
+            floor = floor_holder.get("floor")
+            if floor is None:
+                reso = args.resolution if isinstance(args.resolution, (tuple, list)) else (args.resolution,) * 2
+                hw = (int(reso[1]) // 8, int(reso[0]) // 8)
+                floor = floor_holder["floor"] = Floor(ctx, self.network, hw, args.train_batch_size)
+            profile.floor_both.append(floor.step(with_text_encoder=True))
+            profile.floor_unet.append(floor.step(with_text_encoder=False))
+            marks["floor_total"] += time.perf_counter() - start  # not part of the training step
+
+    method = ProfiledMethod(args)
+    runner = train_core._Runner(args, method, train_core.TrainHooks())
+    with profile.stage("set-up (flags, accelerate, dataset)"):
+        runner.setup()
+    with profile.stage("model loading + latent caching"):
+        runner.load_models()  # with cached latents and no samples, caching happens in here
+    with profile.stage("prepare (network, optimizer, accelerate)"):
+        runner.prepare()
+
+    runner._loss = _timed(profile, "data + forward + loss", runner._loss)
+    original_step = runner._optimizer_step
+
+    def optimizer_step(*step_args: Any) -> None:
+        start, floor_before = time.perf_counter(), marks["floor_total"]
+        original_step(*step_args)
+        end = time.perf_counter()
+        floor_seconds = marks["floor_total"] - floor_before
+        profile.add("optimizer step + bookkeeping", end - start - floor_seconds)
+        if "step_end" in marks:  # a step: from the end of one optimizer step to the end of the next
+            profile.add("step", end - marks["step_end"] - floor_seconds)
+        marks["step_end"] = marks["last_step_end_wall"] = end
+
+    runner._optimizer_step = optimizer_step
+    accelerator = runner.ctx.accelerator
+    accelerator.backward = _timed(profile, "backward", accelerator.backward)
+    saves: dict[str, float] = {}
+    original_save = runner._final_save
+
+    def final_save(ext: str) -> Any:
+        start = time.perf_counter()
+        try:
+            return original_save(ext)
+        finally:
+            saves["final save"] = time.perf_counter() - start
+
+    runner._final_save = final_save
+    original_end = accelerator.end_training
+
+    def end_training() -> Any:
+        start = time.perf_counter()
+        try:
+            return original_end()
+        finally:
+            saves["accelerator.end_training"] = time.perf_counter() - start
+
+    accelerator.end_training = end_training
+
+    profiler_cm: Any = contextlib.nullcontext()
+    if torch_profile_steps:
+        profiler_cm = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with profile.stage("training loop + final save"):
+        with profiler_cm as prof:
+            runner.train()
+        done = time.perf_counter()
+    if "last_step_end_wall" in marks:
+        profile.after_last_step = {"total": done - marks["last_step_end_wall"], **saves}
+    if torch_profile_steps and prof is not None:
+        averages = prof.key_averages()
+        rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+        profile.top_ops = [
+            {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in rows
+        ]
+    return profile
+
+
+def measured_run(argv: Sequence[str], out_dir: Path, threads: int) -> dict[str, Any]:
+    """train_network.py in a fresh child process: exit status, wall, peak RSS (the child's VmHWM)."""
+    from benchmarks.common import Context, run_measured
+
+    ctx = Context(out_dir=out_dir, threads=threads)
+    result = run_measured(["train_network.py", *argv], ctx).check("train_network.py")
+    return {"wall_s": result.wall_s, "peak_rss_mib": result.peak_rss_mib}
+
+
+# --- micro-benchmarks (no model weights: full-size shapes only) ------------------------------
+def micro_optimizer(steps: int = 30) -> dict[str, Any]:
+    """AdamW step time over the full-size SD 1.5 LoRA (dim 8, 528 tensors): default (for-loop),
+    foreach and fused, and whether each gives bit-identical weights to the default."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import networks.lora as lora
+    from library import sd_config
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(dict(sd_config.SD15_UNET_CONFIG))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**sd_config.SD15_TEXT_ENCODER_CONFIG))
+    shapes = [p.shape for p in lora.create_network(1.0, 8, 8, None, text_encoder, unet).parameters()]
+
+    def run(option: Optional[str]) -> tuple[float, list[Any]]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, **({option: True} if option else {}))
+        times = []
+        for _ in range(steps):
+            for param in params:
+                param.grad = torch.randn_like(param) * 1e-3
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[3:]), params
+
+    base_s, base = run(None)
+    out: dict[str, Any] = {"tensors": len(shapes), "params": sum(int(torch.Size(s).numel()) for s in shapes),
+                           "default_ms": base_s * 1000}
+    for option in ("foreach", "fused"):
+        seconds, params = run(option)
+        out[f"{option}_ms"] = seconds * 1000
+        out[f"{option}_bit_identical"] = all(torch.equal(a, b) for a, b in zip(base, params))
+        out[f"{option}_max_abs_diff"] = max(float((a - b).detach().abs().max()) for a, b in zip(base, params))
+    return out
+
+
+def micro_lora_layers(layers: int = 264, width: int = 320, tokens: int = 64, repeats: int = 30) -> dict[str, Any]:
+    """Forward + backward of `layers` frozen Linear layers with and without a dim-8 LoRA on each,
+    interleaved: the per-module cost of the LoRA path on the small shapes of a 64 px step."""
+    import torch
+
+    import networks.lora as lora
+
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).requires_grad_(False)
+    modules = [lora.LoRAModule(f"m{i}", layer, 1.0, 8, 8) for i, layer in enumerate(stack)]
+    x0 = torch.randn(1, tokens, width)
+
+    def step(with_lora: bool) -> float:
+        for module in modules:
+            (module.apply_to if with_lora else module.restore)()
+        x = x0.clone().requires_grad_(True)
+        start = time.perf_counter()
+        stack(x).square().mean().backward()
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        step(True), step(False)
+    pairs = [(step(True), step(False)) for _ in range(repeats)]
+    return {
+        "lora_ms": statistics.median(a for a, _ in pairs) * 1000,
+        "bare_ms": statistics.median(b for _, b in pairs) * 1000,
+        "lora_over_bare": statistics.median(a / b for a, b in pairs),
+    }
+
+
+# --- report -----------------------------------------------------------------------------------
+def summary(profile: Profile) -> dict[str, Any]:
+    parts = {name: median_after_warmup(values) for name, values in profile.step_parts.items()}
+    step = parts.get("step")
+    known = sum(v for k, v in parts.items() if k != "step" and v is not None)
+    if step is not None:
+        parts["rest of the loop (data loader, seeds, logging)"] = step - known
+    out: dict[str, Any] = {"step_parts_median_s": parts}
+    if profile.floor_both and profile.step_parts.get("step"):
+        steps = profile.step_parts["step"]
+        # ratios per interleaved pair, then the median: noise common to a pair cancels
+        pairs = list(zip(steps, profile.floor_both[1:]))
+        unet_pairs = list(zip(steps, profile.floor_unet[1:]))
+        out["floor_te_unet_s"] = median_after_warmup(profile.floor_both)
+        out["floor_unet_s"] = median_after_warmup(profile.floor_unet)
+        out["step_over_floor"] = median_after_warmup([s / f for s, f in pairs])
+        out["step_over_unet_floor"] = median_after_warmup([s / f for s, f in unet_pairs])
+    return out
+
+
+def format_report(profile: Profile, info: dict[str, Any]) -> str:
+    lines = ["| stage | s | RSS at end (MiB) | peak in stage (MiB) |", "|---|---|---|---|"]
+    for stage in profile.stages:
+        lines.append(f"| {stage.name} | {stage.seconds:.2f} | {stage.rss_end_mib or 0:.0f} | {stage.peak_mib or 0:.0f} |")
+    if not profile.peak_resets:
+        lines.append("(peaks could not be reset between stages: each is the peak since start)")
+    lines += ["", "| part of a step (median) | s |", "|---|---|"]
+    for name, value in info["step_parts_median_s"].items():
+        lines.append(f"| {name} | {value:.4f} |")
+    if "step_over_floor" in info:
+        lines += [
+            "", f"floor (TE + U-Net fwd+bwd): {info['floor_te_unet_s']:.4f} s; U-Net alone: {info['floor_unet_s']:.4f} s",
+            f"LoRA step / floor: {info['step_over_floor']:.3f}; / U-Net floor: {info['step_over_unet_floor']:.3f}",
+        ]
+    if profile.after_last_step:
+        lines += ["", "after the last step: " + ", ".join(f"{k} {v:.3f} s" for k, v in profile.after_last_step.items())]
+    if profile.top_ops:
+        lines += ["", "| operator | calls | self CPU ms |", "|---|---|---|"]
+        lines += [f"| {op['op']} | {op['calls']} | {op['self_cpu_ms']:.1f} |" for op in profile.top_ops]
+    if profile.measured:
+        lines += ["", f"train_network.py in a fresh process: wall {profile.measured['wall_s']:.1f} s, "
+                      f"peak RSS {profile.measured['peak_rss_mib']:.0f} MiB"]
+    return "\n".join(lines)
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=str, default=None, help=f"SD single file or Diffusers folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--out_dir", type=str, default="bench_output/lora_profile", help="data, outputs and profile.json")
+    parser.add_argument("--steps", type=int, default=20, help="training steps")
+    parser.add_argument("--resolution", type=int, default=64, help="training resolution (square)")
+    parser.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads")
+    parser.add_argument("--quick", action="store_true", help="small random model and 4 steps (seconds)")
+    parser.add_argument("--floor", action="store_true", help="interleave the bare fwd+bwd floor with every step")
+    parser.add_argument("--torch_profile", action="store_true", help="also list the top operators (torch.profiler)")
+    parser.add_argument("--measured", action="store_true", help="also run train_network.py in a fresh child (peak RSS)")
+    parser.add_argument("--micro", action="store_true",
+                        help="only the micro-benchmarks: AdamW default/foreach/fused on the full-size LoRA shapes, LoRA layer overhead")
+    parser.add_argument("--train_args", type=str, nargs=argparse.REMAINDER, default=[],
+                        help="extra train_network.py flags (last; e.g. --network_train_unet_only)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = setup_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from benchmarks.common import write_random_sd_model
+    from library.io_util import write_text_atomic
+
+    out_dir = Path(args.out_dir).resolve()
+    if args.micro:
+        micro = {"optimizer": micro_optimizer(), "lora_layers": micro_lora_layers()}
+        print(json.dumps(micro, indent=2))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "micro.json", json.dumps(micro, indent=2) + "\n")
+        return 0
+    steps = 4 if args.quick and args.steps == 20 else args.steps
+    if args.model:
+        model = Path(args.model)
+    elif args.quick:
+        model = write_random_sd_model(out_dir / "sd15_random_quick.safetensors", quick=True)
+    else:
+        model = write_random_sd_model(DEFAULT_MODEL)
+    data = write_bench_images(out_dir / "data")
+    train_argv = bench_argv(model, data, out_dir / "output", steps, args.resolution, args.train_args)
+    profile = profile_run(train_argv, args.floor, steps if args.torch_profile else 0)
+    if args.measured:
+        profile.measured = measured_run(bench_argv(model, data, out_dir / "output_measured", steps, args.resolution, args.train_args),
+                                        out_dir, args.threads)
+    info = summary(profile)
+    print(format_report(profile, info))
+    write_text_atomic(out_dir / "profile.json", json.dumps({**asdict(profile), "summary": info}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

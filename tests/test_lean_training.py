@@ -1,0 +1,165 @@
+"""The LoRA run's memory and end-of-run optimisations (benchmarks/RESULTS.md, "LoRA run
+optimisations"): the VAE is freed after latent caching, the model hash runs in the background,
+and benchmarks/lora_profile.py works."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import train_helpers as th  # noqa: I001 - puts the repository root on sys.path first
+from library import model_hash, model_util, train_core
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lean")
+    return {"model": th.make_tiny_model(root), "img": th.make_image_folder(root, count=2, repeats=1), "root": root}
+
+
+def _run(workspace, out, *extra):
+    seen = {}
+
+    def at_start(ctx):
+        seen["vae_device"] = next(ctx.models.vae.parameters()).device.type
+        seen["unet_device"] = next(ctx.models.unet.parameters()).device.type
+        seen["scaling_factor"] = ctx.models.vae.config.scaling_factor
+
+    def at_end(ctx):
+        seen["network"] = th.network_state(ctx)
+
+    argv = th.base_argv(workspace["model"], workspace["img"], out, "--max_train_steps", "3", "--train_batch_size", "1", *extra)
+    result = th.run_train(argv, train_core.TrainHooks(on_train_start=at_start, on_train_end=at_end))
+    return result, seen
+
+
+def test_cached_latents_free_the_vae_and_train_identically(workspace, tmp_path):
+    lean, lean_seen = _run(workspace, tmp_path / "lean", "--cache_latents")
+    # sample prompts keep the VAE (it decodes the samples); no sample falls inside these 3 steps
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks dog --w 64 --h 64 --s 2\n", encoding="utf-8")
+    kept, kept_seen = _run(
+        workspace, tmp_path / "kept", "--cache_latents", "--sample_prompts", str(prompts), "--sample_every_n_steps", "1000"
+    )
+    assert lean_seen["vae_device"] == "meta" and lean_seen["unet_device"] == "cpu"
+    assert kept_seen["vae_device"] == "cpu"
+    assert lean_seen["scaling_factor"] == kept_seen["scaling_factor"] == pytest.approx(0.18215)
+    # same latents, same order of randomness: the runs are bit-identical
+    assert lean.step_losses == kept.step_losses
+    assert lean_seen["network"].keys() == kept_seen["network"].keys()
+    assert all(torch.equal(lean_seen["network"][k], kept_seen["network"][k]) for k in lean_seen["network"])
+
+
+def test_without_cached_latents_the_vae_stays(workspace, tmp_path):
+    _, seen = _run(workspace, tmp_path / "out")
+    assert seen["vae_device"] == "cpu"
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_use_vae_first_sees_the_loaded_vae_before_the_other_models(workspace, tmp_path, as_folder):
+    source = workspace["model"]
+    if as_folder:
+        plain = model_util.load_target_model(source)
+        source = model_util.save_diffusers_checkpoint(
+            False, tmp_path / "folder", plain.text_encoder, plain.unet, plain.vae, use_safetensors=True
+        )
+    reference = model_util.load_target_model(source)
+    seen = {}
+
+    def use(vae):
+        seen["vae"] = {k: v.clone() for k, v in vae.state_dict().items()}
+
+    models = model_util.load_target_model(source, use_vae_first=use)
+    expected = reference.vae.state_dict()
+    assert seen["vae"].keys() == expected.keys()
+    assert all(torch.equal(seen["vae"][k], expected[k]) for k in expected)
+    assert all(p.is_meta for p in models.vae.parameters())
+    assert models.vae.config.scaling_factor == reference.vae.config.scaling_factor
+    for mine, theirs in ((models.unet, reference.unet), (models.text_encoder, reference.text_encoder)):
+        ours = mine.state_dict()
+        assert all(torch.equal(ours[k], v) for k, v in theirs.state_dict().items())
+
+
+def test_prefetched_sha256_matches_and_follows_file_changes(tmp_path):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(bytes(range(256)) * 9000)
+    plain = model_hash.calculate_sha256(path)
+    model_hash.prefetch_sha256(path)
+    assert model_hash.calculate_sha256(path) == plain
+    path.write_bytes(b"changed" * 1000)  # another size: the prefetched result no longer applies
+    import hashlib
+
+    assert model_hash.calculate_sha256(path) == hashlib.sha256(b"changed" * 1000).hexdigest()
+    model_hash.prefetch_sha256(tmp_path / "missing.bin")  # nothing to hash: no error
+
+
+def test_no_metadata_reads_no_model_hash(workspace, tmp_path, monkeypatch):
+    calls = []
+    real = model_hash.calculate_sha256
+    monkeypatch.setattr(model_hash, "calculate_sha256", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(model_hash, "prefetch_sha256", lambda p: calls.append(p))
+    _run(workspace, tmp_path / "bare", "--no_metadata")
+    assert calls == []
+    _run(workspace, tmp_path / "full")
+    assert calls  # the default run hashes the model for ss_new_sd_model_hash
+    with safe_open(str(tmp_path / "full" / "lora.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_new_sd_model_hash"] == real(workspace["model"])
+    assert metadata["ss_sd_model_hash"] == model_hash.model_hash(workspace["model"])
+
+
+GUIDE = th.REPO_ROOT / "docs" / "lora_profile.md"
+
+
+def _guide_example() -> list[str]:
+    line = next(l for l in GUIDE.read_text(encoding="utf-8").splitlines() if l.startswith("python3 benchmarks/lora_profile.py --quick"))
+    return line.split()[1:]
+
+
+def test_every_lora_profile_flag_is_in_its_guide():
+    from benchmarks import lora_profile
+
+    text = GUIDE.read_text(encoding="utf-8")
+    flags = [o for a in lora_profile.setup_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    assert len(flags) == 11
+    for flag in flags:
+        assert f"`{flag}`" in text, flag
+
+
+def test_lora_profile_quick_reports_stages_parts_and_floor(tmp_path):
+    """The guide's worked example, run as written (into a temporary --out_dir)."""
+    out = tmp_path / "profile"
+    argv = _guide_example()
+    argv[argv.index("--out_dir") + 1] = str(out)
+    done = subprocess.run(
+        [sys.executable, *argv], cwd=th.REPO_ROOT, capture_output=True, text=True, encoding="utf-8", timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "profile.json").read_text(encoding="utf-8"))
+    names = [stage["name"] for stage in report["stages"]]
+    assert names[0].startswith("set-up") and names[-1].startswith("training loop")
+    assert all(stage["peak_mib"] >= stage["rss_end_mib"] > 0 for stage in report["stages"])
+    parts = report["summary"]["step_parts_median_s"]
+    assert parts["step"] > 0 and parts["backward"] > 0 and parts["data + forward + loss"] > 0
+    assert len(report["floor_both"]) == len(report["floor_unet"]) == 4
+    assert report["summary"]["floor_te_unet_s"] > report["summary"]["floor_unet_s"] > 0
+    assert 0.2 < report["summary"]["step_over_floor"] < 20
+    assert "final save" in report["after_last_step"]
+    assert "LoRA step / floor" in done.stdout
+    assert (out / "output" / "lora.safetensors").is_file()
+
+
+def test_adamw_foreach_default_trains_bit_identically_to_the_loop(workspace, tmp_path):
+    from library import optimizers
+
+    default, default_seen = _run(workspace, tmp_path / "foreach", "--cache_latents")
+    loop, loop_seen = _run(workspace, tmp_path / "loop", "--cache_latents", "--optimizer_args", "foreach=False")
+    assert default.step_losses == loop.step_losses
+    assert all(torch.equal(default_seen["network"][k], loop_seen["network"][k]) for k in loop_seen["network"])
+    args = th.parse(th.base_argv(workspace["model"], workspace["img"], tmp_path / "x"))
+    name, shown, optimizer = optimizers.get_optimizer(args, [torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.defaults["foreach"] is True and shown == ""  # ss_optimizer stays "torch.optim.adamw.AdamW"
