@@ -24,6 +24,9 @@ from benchmarks.common import Context, Row, format_table, write_json  # noqa: E4
 
 # suite name -> module under benchmarks/ that has run(ctx) -> list[Row]
 SUITES: dict[str, str] = {
+    "generation": "suite_generation",
+    "latents": "suite_latents",
+    "tools": "suite_tools",
 }
 
 

@@ -1,0 +1,108 @@
+"""The generation, latent-caching and tools benchmark suites run end to end in --quick mode
+(small model, few steps) and report real numbers: finite positive times, peak RSS, JSON rows."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITES = ("generation", "latents", "tools")
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--threads", "1", "--suites", ",".join(SUITES),
+         "--out_dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, encoding="utf-8", timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    document = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    document["stdout"] = result.stdout
+    document["out_dir"] = out
+    return document
+
+
+def rows_of(document: dict, suite: str) -> dict[str, dict]:
+    return {row["name"]: row for row in document["rows"] if row["suite"] == suite}
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_json_and_table(quick_results):
+    assert quick_results["command"].startswith("python3 benchmarks/run.py --quick")
+    assert {row["suite"] for row in quick_results["rows"]} == set(SUITES)
+    table = quick_results["stdout"]
+    for row in quick_results["rows"]:
+        assert f"| {row['suite']} | {row['name']} |" in table
+
+
+def test_generation_rows(quick_results):
+    rows = rows_of(quick_results, "generation")
+    for phase in ("none", "lora", "pre_calc", "merge"):
+        side = rows[f"side by side, {phase}"]["metrics"]
+        assert positive(side["s_per_image"]) and positive(side["diffusers_s_per_image"])
+        assert side["ratio_vs_diffusers"] == pytest.approx(side["s_per_image"] / side["diffusers_s_per_image"])
+        script = rows[f"gen_img_diffusers.py, {phase}"]["metrics"]
+        assert positive(script["peak_rss_mib"]) and positive(script["wall_s"])
+        assert script["peak_rss_mib"] > 100  # Python + torch alone take more than this
+    # our generator and diffusers made the same picture (8-bit rounding apart)
+    assert rows["side by side, none"]["metrics"]["max_pixel_diff"] <= 2 / 255
+    assert positive(rows["diffusers pipeline"]["metrics"]["peak_rss_mib"])
+    plain, sliced = rows["decode 128², slices off"]["metrics"], rows["decode 128², slices 4"]["metrics"]
+    for metrics in (plain, sliced):
+        assert positive(metrics["decode_s"]) and positive(metrics["peak_rss_mib"])
+        assert metrics["decode_extra_mib"] >= 0
+
+
+def test_latent_rows(quick_results):
+    rows = rows_of(quick_results, "latents")
+    for batch in (1, 4):
+        metrics = rows[f"cache 64², vae_batch_size {batch}"]["metrics"]
+        assert positive(metrics["images_per_s"]) and positive(metrics["peak_rss_mib"])
+        assert 0 < metrics["image_load_share"] < 1
+    check = rows["re-check 40 npz"]["metrics"]
+    assert check["encoded"] == 0 and check["stale_reencoded"] == 1
+    assert positive(check["check_s"])
+    assert len(list((quick_results["out_dir"] / "latents").rglob("*.npz"))) == 40
+
+
+def test_tools_rows(quick_results):
+    rows = rows_of(quick_results, "tools")
+    floor = rows["merge_lora.py --help (floor)"]["metrics"]["peak_rss_mib"]
+    for name in ("merge_lora.py into the model", "extract_lora_from_models.py"):
+        metrics = rows[name]["metrics"]
+        assert positive(metrics["wall_s"]) and metrics["peak_rss_mib"] >= floor * 0.9
+        assert metrics["margin_mib"] == pytest.approx(metrics["model_mib"] + 1536 - metrics["peak_rss_mib"])
+    assert not (quick_results["out_dir"] / "tools" / "merged.safetensors").exists()
+
+
+def test_random_lora_loads_into_its_model(tmp_path):
+    """The benchmark LoRA is a strict fit for the model it was made for, with non-zero up weights."""
+    from safetensors.torch import load_file
+
+    from benchmarks.common import write_random_lora, write_random_sd_model
+    from library.model_util import load_target_model
+    from networks import lora
+
+    model = write_random_sd_model(tmp_path / "m.safetensors", quick=True)
+    file = write_random_lora(model, tmp_path / "l.safetensors", dim=4, alpha=2.0, conv_dim=2)
+    weights = load_file(str(file))
+    ups = [t for k, t in weights.items() if k.endswith("lora_up.weight")]
+    assert ups and all(t.abs().sum() > 0 for t in ups)
+    assert any(t.ndim == 4 and t.shape[-1] == 1 and k.startswith("lora_unet_down_blocks_0_resnets")
+               for k, t in weights.items() if k.endswith("lora_up.weight"))
+    models = load_target_model(model)
+    network, _ = lora.create_network_from_weights(1.0, str(file), models.vae, models.text_encoder, models.unet)
+    info = network.load_state_dict(weights, strict=False)
+    assert not info.missing_keys and not info.unexpected_keys
+    alphas = {float(t) for k, t in weights.items() if k.endswith(".alpha")}
+    assert alphas == {2.0, 1.0}  # linear layers, 3x3 convs (conv_alpha default)
