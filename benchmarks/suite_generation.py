@@ -37,14 +37,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Context, Row, run_measured, write_random_lora  # noqa: E402
 
+# children never look for the hub (diffusers / transformers would otherwise try, and wait, when offline)
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def offline_env(ctx: Context) -> dict[str, str]:
+    return ctx.child_env(**OFFLINE)
+
 SUITE = "generation"
 PROMPT = "a photo of a cat sitting on a sofa, highly detailed"
 SD_SCRIPTS_GEN_PEAK_MIB = 8632  # ../shared/BASELINE.md: sd-scripts' generator, 64×64, single file, with LoRA
 RSS_TARGET_SHARE = 0.6
 PHASES = ("none", "lora", "pre_calc", "merge")  # merge last: it changes the loaded weights
 PHASE_FLAGS = {"none": [], "lora": [], "pre_calc": ["--network_pre_calc"], "merge": ["--network_merge"]}
-FULL = {"size": 64, "steps": 10, "rounds": 3, "decode_size": 512, "vae_slices": 4}
-QUICK = {"size": 64, "steps": 2, "rounds": 2, "decode_size": 128, "vae_slices": 4}
+FULL = {"size": 64, "steps": 10, "rounds": 3, "script_phases": PHASES, "diffusers_rss": True,
+        "decode_size": 512, "decode_slices": (None, 4)}
+# quick (tests): every code path once, in as few processes as possible (each start imports torch + diffusers)
+QUICK = {"size": 64, "steps": 2, "rounds": 2, "script_phases": ("lora",), "diffusers_rss": False,
+         "decode_size": 128, "decode_slices": (4,)}
 
 
 def gen_flags(ckpt: Path, outdir: Path, size: int, steps: int, phase: str = "none", lora: Optional[Path] = None) -> list[str]:
@@ -75,7 +85,7 @@ def run(ctx: Context) -> list[Row]:
 
 def _child(ctx: Context, mode: str, argv: Sequence[str], result: Path) -> tuple[dict[str, Any], Any]:
     result.unlink(missing_ok=True)
-    measured = run_measured(["benchmarks/suite_generation.py", mode, *argv, "--json", str(result)], ctx)
+    measured = run_measured(["benchmarks/suite_generation.py", mode, *argv, "--json", str(result)], ctx, offline_env(ctx))
     measured.check(f"generation child {mode}")
     return json.loads(result.read_text(encoding="utf-8")), measured
 
@@ -102,13 +112,16 @@ def side_by_side_rows(ctx: Context, cfg: dict, ckpt: Path, folder: Path, lora: P
 def script_rows(ctx: Context, cfg: dict, ckpt: Path, folder: Path, lora: Path, out: Path, params: dict) -> list[Row]:
     rows = []
     target = RSS_TARGET_SHARE * SD_SCRIPTS_GEN_PEAK_MIB
-    for phase in PHASES:
+    for phase in cfg["script_phases"]:
         argv = gen_flags(ckpt, out / f"script_{phase}", cfg["size"], cfg["steps"], phase, lora)
-        measured = run_measured(["gen_img_diffusers.py", *argv], ctx).check(f"gen_img_diffusers.py ({phase})")
+        measured = run_measured(["gen_img_diffusers.py", *argv], ctx, offline_env(ctx))
+        measured.check(f"gen_img_diffusers.py ({phase})")
         rows.append(Row(SUITE, f"gen_img_diffusers.py, {phase}", {**params, "phase": phase}, {
             "peak_rss_mib": measured.peak_rss_mib, "wall_s": measured.wall_s,
             "rss_vs_sd_scripts": measured.peak_rss_mib / SD_SCRIPTS_GEN_PEAK_MIB, "rss_target_mib": target,
         }, note="one image, own process; sd-scripts 8,632 MiB (BASELINE.md)"))
+    if not cfg["diffusers_rss"]:
+        return rows
     data, measured = _child(ctx, "diffusers", [
         "--diffusers", str(folder), "--outdir", str(out / "diffusers"), "--size", str(cfg["size"]),
         "--steps", str(cfg["steps"]),
@@ -122,7 +135,7 @@ def script_rows(ctx: Context, cfg: dict, ckpt: Path, folder: Path, lora: Path, o
 def decode_rows(ctx: Context, cfg: dict, ckpt: Path, out: Path) -> list[Row]:
     rows = []
     size = cfg["decode_size"]
-    for slices in (None, cfg["vae_slices"]):
+    for slices in cfg["decode_slices"]:
         argv = ["--ckpt", str(ckpt), "--size", str(size)] + ([] if slices is None else ["--vae_slices", str(slices)])
         data, measured = _child(ctx, "decode", argv, out / "decode.json")
         rows.append(Row(SUITE, f"decode {size}², slices {slices or 'off'}", {"size": size, "vae_slices": slices}, {

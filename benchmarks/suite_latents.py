@@ -32,10 +32,14 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Context, Row, run_measured, write_random_sd_model  # noqa: E402
+from benchmarks.suite_generation import offline_env  # noqa: E402
 
 SUITE = "latents"
-FULL = {"size": 512, "images": 8, "batch_sizes": (1, 8), "check_files": 1000, "check_size": 64}
-QUICK = {"size": 64, "images": 4, "batch_sizes": (1, 4), "check_files": 40, "check_size": 64}
+# full: one process per batch size (own peak RSS); quick (tests): both in one process
+FULL = {"size": 512, "images": 8, "batch_sizes": (1, 8), "process_per_batch_size": True, "check_files": 1000,
+        "check_size": 64}
+QUICK = {"size": 64, "images": 4, "batch_sizes": (1, 4), "process_per_batch_size": False, "check_files": 40,
+         "check_size": 64}
 
 
 def image_folder(root: Path, count: int, size: int) -> Path:
@@ -54,19 +58,22 @@ def run(ctx: Context) -> list[Row]:
     ckpt = ctx.model_file()
     rows = []
     data_root = image_folder(out / f"images_{cfg['size']}_{cfg['images']}", cfg["images"], cfg["size"])
-    for batch_size in cfg["batch_sizes"]:
+    groups = [[b] for b in cfg["batch_sizes"]] if cfg["process_per_batch_size"] else [list(cfg["batch_sizes"])]
+    for batch_sizes in groups:
         data, measured = _child(ctx, "cache", [
             "--model", str(ckpt), "--train_data_dir", str(data_root), "--size", str(cfg["size"]),
-            "--vae_batch_size", str(batch_size),
+            "--vae_batch_sizes", ",".join(str(b) for b in batch_sizes),
         ], out / "cache.json")
-        rows.append(Row(SUITE, f"cache {cfg['size']}², vae_batch_size {batch_size}", {
-            "size": cfg["size"], "images": cfg["images"], "vae_batch_size": batch_size, "model": ckpt.name,
-            "threads": ctx.threads,
-        }, {
-            "images_per_s": data["images_per_s"], "s_per_image": 1 / data["images_per_s"],
-            "caching_s": data["caching_s"], "image_load_share": data["image_load_share"],
-            "peak_rss_mib": measured.peak_rss_mib,
-        }, note="DatasetGroup.cache_latents (in memory), VAE only loaded"))
+        for batch_size in batch_sizes:
+            result = data[str(batch_size)]
+            rows.append(Row(SUITE, f"cache {cfg['size']}², vae_batch_size {batch_size}", {
+                "size": cfg["size"], "images": cfg["images"], "vae_batch_size": batch_size, "model": ckpt.name,
+                "threads": ctx.threads,
+            }, {
+                "images_per_s": result["images_per_s"], "s_per_image": 1 / result["images_per_s"],
+                "caching_s": result["caching_s"], "image_load_share": result["image_load_share"],
+                "peak_rss_mib": measured.peak_rss_mib,
+            }, note="DatasetGroup.cache_latents (in memory), VAE only loaded"))
 
     # the check of an existing cache: a small VAE, many files
     small = ckpt if ctx.quick else write_random_sd_model(ctx.out_dir / "sd15_random_quick.safetensors", quick=True)
@@ -85,7 +92,7 @@ def run(ctx: Context) -> list[Row]:
 
 def _child(ctx: Context, mode: str, argv: Sequence[str], result: Path) -> tuple[dict[str, Any], Any]:
     result.unlink(missing_ok=True)
-    measured = run_measured(["benchmarks/suite_latents.py", mode, *argv, "--json", str(result)], ctx)
+    measured = run_measured(["benchmarks/suite_latents.py", mode, *argv, "--json", str(result)], ctx, offline_env(ctx))
     measured.check(f"latents child {mode}")
     return json.loads(result.read_text(encoding="utf-8")), measured
 
@@ -127,19 +134,22 @@ def child_cache(opts: argparse.Namespace) -> dict[str, Any]:
 
     from library.model_util import load_vae
 
-    group, args = _dataset_group(opts.train_data_dir, opts.size, opts.vae_batch_size, False)
     vae = load_vae(opts.model).requires_grad_(False)
     with torch.no_grad():  # warm-up: the first call of each convolution shape is slower
         vae.encode(torch.zeros(1, 3, opts.size, opts.size))
-    spent = _timed_image_loading(group)
-    started = time.perf_counter()
-    with torch.no_grad():  # as train_core._cache_latents
-        encoded = group.cache_latents(vae, args.vae_batch_size, False, True)
-    caching = time.perf_counter() - started
-    if encoded != group.num_train_images:
-        raise RuntimeError(f"encoded {encoded} of {group.num_train_images} images")
-    return {"caching_s": caching, "images_per_s": encoded / caching, "encoded": encoded,
-            "image_load_share": spent[0] / caching}
+    results = {}
+    for batch_size in (int(b) for b in opts.vae_batch_sizes.split(",")):
+        group, args = _dataset_group(opts.train_data_dir, opts.size, batch_size, False)
+        spent = _timed_image_loading(group)
+        started = time.perf_counter()
+        with torch.no_grad():  # as train_core._cache_latents
+            encoded = group.cache_latents(vae, args.vae_batch_size, False, True)
+        caching = time.perf_counter() - started
+        if encoded != group.num_train_images:
+            raise RuntimeError(f"encoded {encoded} of {group.num_train_images} images")
+        results[str(batch_size)] = {"caching_s": caching, "images_per_s": encoded / caching, "encoded": encoded,
+                                    "image_load_share": spent[0] / caching}
+    return results
 
 
 def child_recheck(opts: argparse.Namespace) -> dict[str, Any]:
@@ -185,7 +195,7 @@ def child_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", type=str, required=True)
     parser.add_argument("--train_data_dir", type=str, required=True)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--vae_batch_size", type=int, default=1)
+    parser.add_argument("--vae_batch_sizes", type=str, default="1", help="comma-separated, run in turn")
     parser.add_argument("--json", type=str, required=True)
     opts = parser.parse_args(argv)
     work = {"cache": child_cache, "recheck": child_recheck}[opts.mode]

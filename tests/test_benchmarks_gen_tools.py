@@ -51,16 +51,13 @@ def test_generation_rows(quick_results):
         side = rows[f"side by side, {phase}"]["metrics"]
         assert positive(side["s_per_image"]) and positive(side["diffusers_s_per_image"])
         assert side["ratio_vs_diffusers"] == pytest.approx(side["s_per_image"] / side["diffusers_s_per_image"])
-        script = rows[f"gen_img_diffusers.py, {phase}"]["metrics"]
-        assert positive(script["peak_rss_mib"]) and positive(script["wall_s"])
-        assert script["peak_rss_mib"] > 100  # Python + torch alone take more than this
     # our generator and diffusers made the same picture (8-bit rounding apart)
     assert rows["side by side, none"]["metrics"]["max_pixel_diff"] <= 2 / 255
-    assert positive(rows["diffusers pipeline"]["metrics"]["peak_rss_mib"])
-    plain, sliced = rows["decode 128², slices off"]["metrics"], rows["decode 128², slices 4"]["metrics"]
-    for metrics in (plain, sliced):
-        assert positive(metrics["decode_s"]) and positive(metrics["peak_rss_mib"])
-        assert metrics["decode_extra_mib"] >= 0
+    script = rows["gen_img_diffusers.py, lora"]["metrics"]  # quick mode: the LoRA run only
+    assert positive(script["wall_s"]) and script["peak_rss_mib"] > 100  # Python + torch alone take more
+    assert script["rss_vs_sd_scripts"] == pytest.approx(script["peak_rss_mib"] / 8632)
+    sliced = rows["decode 128², slices 4"]["metrics"]
+    assert positive(sliced["decode_s"]) and positive(sliced["peak_rss_mib"]) and sliced["decode_extra_mib"] >= 0
 
 
 def test_latent_rows(quick_results):
@@ -77,10 +74,9 @@ def test_latent_rows(quick_results):
 
 def test_tools_rows(quick_results):
     rows = rows_of(quick_results, "tools")
-    floor = rows["merge_lora.py --help (floor)"]["metrics"]["peak_rss_mib"]
     for name in ("merge_lora.py into the model", "extract_lora_from_models.py"):
         metrics = rows[name]["metrics"]
-        assert positive(metrics["wall_s"]) and metrics["peak_rss_mib"] >= floor * 0.9
+        assert positive(metrics["wall_s"]) and metrics["peak_rss_mib"] > 100
         assert metrics["margin_mib"] == pytest.approx(metrics["model_mib"] + 1536 - metrics["peak_rss_mib"])
     assert not (quick_results["out_dir"] / "tools" / "merged.safetensors").exists()
 
