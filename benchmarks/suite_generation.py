@@ -50,7 +50,7 @@ SD_SCRIPTS_GEN_PEAK_MIB = 8632  # ../shared/BASELINE.md: sd-scripts' generator, 
 RSS_TARGET_SHARE = 0.6
 PHASES = ("none", "lora", "pre_calc", "merge")  # merge last: it changes the loaded weights
 PHASE_FLAGS = {"none": [], "lora": [], "pre_calc": ["--network_pre_calc"], "merge": ["--network_merge"]}
-FULL = {"size": 64, "steps": 10, "rounds": 3, "script_phases": PHASES, "diffusers_rss": True,
+FULL = {"size": 64, "steps": 10, "rounds": 2, "script_phases": PHASES, "diffusers_rss": True,
         "decode_size": 512, "decode_slices": (None, 4)}
 # quick (tests): every code path once, in as few processes as possible (each start imports torch + diffusers)
 QUICK = {"size": 64, "steps": 2, "rounds": 2, "script_phases": ("lora",), "diffusers_rss": False,
