@@ -102,3 +102,37 @@ def test_random_lora_loads_into_its_model(tmp_path):
     assert not info.missing_keys and not info.unexpected_keys
     alphas = {float(t) for k, t in weights.items() if k.endswith(".alpha")}
     assert alphas == {2.0, 1.0}  # linear layers, 3x3 convs (conv_alpha default)
+
+
+def test_cache_check_reads_npz_headers(tmp_path):
+    """The re-check (latent_cache._npz_shape, header only since the benchmark) still tells a good
+    cache from a damaged one: compressed files and version-2 headers read, wrong keys, truncated
+    archives and members shorter than their header refused."""
+    import io
+    import zipfile
+
+    import numpy as np
+    import torch
+
+    from library.latent_cache import is_disk_cache_valid, save_latents_npz
+
+    good = tmp_path / "good.npz"
+    save_latents_npz(good, torch.zeros(4, 8, 6))
+    assert is_disk_cache_valid(str(good), (48, 64), None)
+    assert not is_disk_cache_valid(str(good), (64, 64), None)  # another bucket
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, np.ones((4, 8, 6), np.float32))
+    assert is_disk_cache_valid(str(compressed), (48, 64), None)
+    version2 = io.BytesIO()
+    np.lib.format.write_array(version2, np.zeros((4, 8, 6), np.float32), version=(2, 0))
+    with zipfile.ZipFile(tmp_path / "v2.npz", "w") as archive:
+        archive.writestr("arr_0.npy", version2.getvalue())
+    assert is_disk_cache_valid(str(tmp_path / "v2.npz"), (48, 64), None)
+    other_key = tmp_path / "other.npz"
+    np.savez(other_key, latents=np.zeros((4, 8, 6), np.float32))
+    assert not is_disk_cache_valid(str(other_key), (48, 64), None)
+    (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[:-40])
+    assert not is_disk_cache_valid(str(tmp_path / "truncated.npz"), (48, 64), None)
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as archive:
+        archive.writestr("arr_0.npy", version2.getvalue()[:-8])
+    assert not is_disk_cache_valid(str(tmp_path / "short.npz"), (48, 64), None)
