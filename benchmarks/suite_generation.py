@@ -83,11 +83,16 @@ def run(ctx: Context) -> list[Row]:
     return rows
 
 
-def _child(ctx: Context, mode: str, argv: Sequence[str], result: Path) -> tuple[dict[str, Any], Any]:
+def run_child_json(ctx: Context, script: str, mode: str, argv: Sequence[str], result: Path) -> tuple[dict[str, Any], Any]:
+    """Run a suite file as its own measured child (`script mode argv --json result`): (its JSON, Measured)."""
     result.unlink(missing_ok=True)
-    measured = run_measured(["benchmarks/suite_generation.py", mode, *argv, "--json", str(result)], ctx, offline_env(ctx))
-    measured.check(f"generation child {mode}")
+    measured = run_measured([script, mode, *argv, "--json", str(result)], ctx, offline_env(ctx))
+    measured.check(f"{script} {mode}")
     return json.loads(result.read_text(encoding="utf-8")), measured
+
+
+def _child(ctx: Context, mode: str, argv: Sequence[str], result: Path) -> tuple[dict[str, Any], Any]:
+    return run_child_json(ctx, "benchmarks/suite_generation.py", mode, argv, result)
 
 
 def side_by_side_rows(ctx: Context, cfg: dict, ckpt: Path, folder: Path, lora: Path, out: Path, params: dict) -> list[Row]:

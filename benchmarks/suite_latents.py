@@ -31,8 +31,8 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Context, Row, run_measured, write_random_sd_model  # noqa: E402
-from benchmarks.suite_generation import offline_env  # noqa: E402
+from benchmarks.common import Context, Row, write_random_sd_model  # noqa: E402
+from benchmarks.suite_generation import run_child_json  # noqa: E402
 
 SUITE = "latents"
 # full: one process per batch size (own peak RSS); quick (tests): both in one process
@@ -91,10 +91,7 @@ def run(ctx: Context) -> list[Row]:
 
 
 def _child(ctx: Context, mode: str, argv: Sequence[str], result: Path) -> tuple[dict[str, Any], Any]:
-    result.unlink(missing_ok=True)
-    measured = run_measured(["benchmarks/suite_latents.py", mode, *argv, "--json", str(result)], ctx, offline_env(ctx))
-    measured.check(f"latents child {mode}")
-    return json.loads(result.read_text(encoding="utf-8")), measured
+    return run_child_json(ctx, "benchmarks/suite_latents.py", mode, argv, result)
 
 
 # -- the child processes -------------------------------------------------------------------------
