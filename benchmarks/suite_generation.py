@@ -204,7 +204,8 @@ def _ours_image(generator, args: argparse.Namespace, seed: int) -> Path:
     return generator.written[-1]
 
 
-def _enter_phase(phase: str, generator, argv: list[str]) -> None:
+def _enter_phase(generator, argv: list[str]) -> None:
+    """Load the phase's networks onto the loaded model, as load_generator does for these flags."""
     import torch
 
     from library import gen_args, gen_networks
@@ -259,7 +260,7 @@ def child_side_by_side(opts: argparse.Namespace) -> dict[str, Any]:
     phases: dict[str, dict[str, list[float]]] = {}
     for phase in PHASES:
         if phase != "none":
-            _enter_phase(phase, generator, gen_flags(Path(opts.ckpt), outdir, opts.size, opts.steps, phase, Path(opts.lora)))
+            _enter_phase(generator, gen_flags(Path(opts.ckpt), outdir, opts.size, opts.steps, phase, Path(opts.lora)))
         times: dict[str, list[float]] = {"ours": [], "diffusers": []}
         for index in range(opts.rounds):
             order = [("ours", ours_fn), ("diffusers", diffusers_fn)]
