@@ -125,6 +125,45 @@ def write_random_sd_model(path: Path, v2: bool = False, quick: bool = False, see
     return path
 
 
+def write_random_lora(
+    model_file: Path, path: Path, dim: int = 8, alpha: float = 8.0, conv_dim: Optional[int] = None,
+    conv_alpha: float = 1.0, up_std: float = 0.01, seed: int = 0,
+) -> Path:
+    """A `networks.lora` file (U-Net and text encoder; C3Lier with `conv_dim`) with random weights for
+    the model in `model_file`; kept if it already exists.
+
+    The model is built on the meta device from the configs its header implies, so a full-size
+    model costs no memory here.
+    """
+    if path.is_file():
+        return path
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library import sd_config
+    from library.model_util import LdmFile
+    from networks import lora
+
+    with LdmFile(model_file) as ldm:
+        shapes = dict(ldm.shapes)
+    v2 = sd_config.is_v2_ldm(shapes)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(sd_config.infer_unet_config(shapes, v2))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**sd_config.infer_text_encoder_config(shapes, v2)))
+    torch.manual_seed(seed)
+    conv_args = {} if conv_dim is None else {"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)}
+    network = lora.create_network(1.0, dim, alpha, None, text_encoder, unet, **conv_args)
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if "lora_up" in name:  # zero by default: a LoRA that changes nothing would hide bugs
+                param.normal_(0.0, up_std)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    network.save_weights(path, None, {"ss_network_module": "networks.lora"})
+    return path
+
+
 # Runs a script (or `-m module`) in this fresh interpreter and writes its peak RSS (kB) to a file
 # at exit, whatever the exit status: the report is the child's own, not shared parent pages.
 _PEAK_WRAPPER = r"""

@@ -27,6 +27,9 @@ SUITES: dict[str, str] = {
     "quality": "suite_quality",
     "training": "suite_training",
     "startup": "suite_startup",
+    "generation": "suite_generation",
+    "latents": "suite_latents",
+    "tools": "suite_tools",
 }
 
 
