@@ -225,6 +225,7 @@ def run_plan(plan_path: Path) -> int:
             status = 1
             try:
                 stage_timer.reset()
+                stage_timer.set_process_start(time.time())
                 if not _reset_peak_rss():
                     print("warning: cannot reset VmHWM; peak RSS includes earlier rows", file=sys.stderr)
                 run_to_file(row["script"], row["argv"], row["floor"], row["floor_steps"], report_path)

@@ -24,6 +24,15 @@ _marks: list[tuple[str, float]] = []
 _step_ends: list[float] = []
 # called with the stage name (or "step") at every mark: e.g. the benchmark reads RSS there
 _observers: list[Callable[[str], None]] = []
+# set by a process forked to run one training (psutil's start time is the parent's boot-relative
+# clock, up to a second off; a fork knows its own start exactly)
+_process_start: Optional[float] = None
+
+
+def set_process_start(when: Optional[float]) -> None:
+    """Count start-up from `when` (epoch seconds) instead of the process start psutil reports."""
+    global _process_start
+    _process_start = when
 
 
 def add_observer(observer: Callable[[str], None]) -> None:
@@ -53,6 +62,8 @@ def step_done() -> None:
 
 def process_start_time() -> Optional[float]:
     """When this process started (epoch seconds), or None when psutil cannot tell."""
+    if _process_start is not None:
+        return _process_start
     try:
         import psutil
 
