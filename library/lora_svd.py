@@ -54,8 +54,14 @@ def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> Decomposition:
 def svd_of_matrix(matrix: torch.Tensor, device: Optional[torch.device | str] = None) -> Decomposition:
     """Thin SVD of a full matrix (on `device`, results on the CPU in float32)."""
     on_device = matrix.to(device=device or matrix.device, dtype=torch.float32)
-    u, s, vh = torch.linalg.svd(on_device, full_matrices=False)
-    return Decomposition(u.cpu(), s.cpu(), vh.cpu())
+    if on_device.ndim == 2 and on_device.shape[0] < on_device.shape[1]:
+        # the same decomposition through the tall transpose: LAPACK's divide-and-conquer SVD is
+        # 5-8x slower on a wide matrix (e.g. a 1280 x 23040 conv difference) than on its transpose
+        v, s, uh = torch.linalg.svd(on_device.T, full_matrices=False)
+        u, vh = uh.T, v.T
+    else:
+        u, s, vh = torch.linalg.svd(on_device, full_matrices=False)
+    return Decomposition(u.cpu().contiguous(), s.cpu(), vh.cpu().contiguous())
 
 
 def dynamic_rank(s: torch.Tensor, method: Optional[str], param: Optional[float], max_rank: int) -> int:

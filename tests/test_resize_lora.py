@@ -127,3 +127,18 @@ def test_bad_inputs_fail_with_one_line(c3lier_file, tiny_model_files_v1, tmp_pat
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     assert c3lier_file.read_bytes() == original
+
+
+@pytest.mark.parametrize("shape", [(12, 90), (90, 12), (16, 16)], ids=["wide", "tall", "square"])
+def test_svd_of_matrix_is_the_thin_svd_for_every_shape(shape):
+    # wide matrices are decomposed through their transpose (faster in LAPACK): same factors' product
+    torch.manual_seed(3)
+    matrix = torch.randn(*shape)
+    decomposition = lora_svd.svd_of_matrix(matrix)
+    k = min(shape)
+    assert decomposition.u.shape == (shape[0], k) and decomposition.vh.shape == (k, shape[1])
+    assert torch.allclose(decomposition.s.double(), torch.linalg.svdvals(matrix.double()), rtol=1e-5, atol=1e-5)
+    assert torch.allclose((decomposition.u * decomposition.s) @ decomposition.vh, matrix, atol=1e-4)
+    eye = torch.eye(k)
+    assert torch.allclose(decomposition.u.T @ decomposition.u, eye, atol=1e-4)
+    assert torch.allclose(decomposition.vh @ decomposition.vh.T, eye, atol=1e-4)
