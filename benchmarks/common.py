@@ -215,6 +215,29 @@ def run_measured(
     return Measured(result.returncode, wall, peak, result.stdout, result.stderr)
 
 
+def proc_status_mib(field_name: str) -> Optional[float]:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB; None where there is none."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's VmHWM again from its current RSS (Linux >= 4.0: write 5 to
+    /proc/self/clear_refs); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def median_after_warmup(times: Sequence[float], warmup: int = 2) -> float:
     """Median of the step times after the first `warmup` (all of them when there are fewer)."""
     kept = list(times[warmup:]) or list(times)

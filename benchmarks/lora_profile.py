@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import proc_status_mib, reset_peak_rss  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path("/work/bench_models/sd15_random.safetensors")
@@ -48,35 +50,15 @@ WARMUP_STEPS = 2
 
 
 # --- memory of this process ---------------------------------------------------------------
-def _status_kib(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="utf-8") as status:
-            for line in status:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def rss_mib() -> Optional[float]:
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib / 1024
+    return proc_status_mib("VmRSS")
 
 
 def peak_mib() -> Optional[float]:
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib / 1024
+    return proc_status_mib("VmHWM")
 
 
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="utf-8") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
+reset_peak = reset_peak_rss
 
 
 @dataclass

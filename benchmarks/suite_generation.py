@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Context, Row, run_measured, write_random_lora  # noqa: E402
+from benchmarks.common import Context, Row, proc_status_mib, reset_peak_rss, run_measured, write_random_lora  # noqa: E402
 
 # children never look for the hub (diffusers / transformers would otherwise try, and wait, when offline)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -151,19 +151,6 @@ def decode_rows(ctx: Context, cfg: dict, ckpt: Path, out: Path) -> list[Row]:
 
 
 # -- the child processes -------------------------------------------------------------------------
-def _proc_status_kib(field: str) -> float:
-    with open("/proc/self/status", encoding="utf-8") as status:
-        return float(next(line for line in status if line.startswith(field + ":")).split()[1])
-
-
-def _reset_peak_rss() -> bool:
-    """Set this process's VmHWM back to its current RSS (Linux 4.0+); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _load_diffusers(folder: str):
@@ -297,16 +284,16 @@ def child_decode(opts: argparse.Namespace) -> dict[str, Any]:
     latents = torch.randn(1, vae.config.latent_channels, opts.size // factor, opts.size // factor,
                           generator=torch.Generator().manual_seed(0)) * vae.config.scaling_factor
     models = GenModels(None, vae, None, None)
-    before = _proc_status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    before = proc_status_mib("VmRSS")
+    reset = reset_peak_rss()
     started = time.perf_counter()
     images = decode_latents(models, latents)
     decode_s = time.perf_counter() - started
-    peak = _proc_status_kib("VmHWM")
+    peak = proc_status_mib("VmHWM")
     if images[0].size != (opts.size, opts.size):
         raise RuntimeError(f"decoded {images[0].size}, expected {opts.size}²")
     # without the reset, VmHWM may still hold the loading peak: then only an upper bound
-    return {"decode_s": decode_s, "rss_before_mib": before / 1024, "decode_extra_mib": (peak - before) / 1024,
+    return {"decode_s": decode_s, "rss_before_mib": before, "decode_extra_mib": peak - before,
             "peak_reset": reset}
 
 

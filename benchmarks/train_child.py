@@ -38,24 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.common import proc_status_mib, reset_peak_rss  # noqa: E402
 from library import stage_timer, text_encoding, train_core, train_util  # noqa: E402
 
 MIB = 1024 * 1024
 FLOORS = ("none", "unet_te", "unet", "both")
 
 
-def _status_mib(field: str) -> Optional[float]:
-    try:
-        with open("/proc/self/status", encoding="utf-8") as status:
-            kb = next(line for line in status if line.startswith(field + ":")).split()[1]
-        return int(kb) / 1024
-    except (OSError, StopIteration):
-        return None
-
-
 def vm_hwm_mib() -> Optional[float]:
     """Peak resident set of this process so far (Linux VmHWM), MiB."""
-    return _status_mib("VmHWM")
+    return proc_status_mib("VmHWM")
 
 
 class RssTrace:
@@ -65,7 +57,7 @@ class RssTrace:
         self.points: list[list[Any]] = []
 
     def __call__(self, stage: str) -> None:
-        self.points.append([stage, _status_mib("VmRSS"), _status_mib("VmHWM")])
+        self.points.append([stage, proc_status_mib("VmRSS"), proc_status_mib("VmHWM")])
 
 
 def _tensor_bytes(tensors) -> int:
@@ -200,14 +192,6 @@ def run_to_file(script: str, train_argv: Sequence[str], floor: str, floor_steps:
     write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
 
 
-def _reset_peak_rss() -> bool:
-    """Start this process's VmHWM again from its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear:
-            clear.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_plan(plan_path: Path) -> int:
@@ -226,7 +210,7 @@ def run_plan(plan_path: Path) -> int:
             try:
                 stage_timer.reset()
                 stage_timer.set_process_start(time.time())
-                if not _reset_peak_rss():
+                if not reset_peak_rss():
                     print("warning: cannot reset VmHWM; peak RSS includes earlier rows", file=sys.stderr)
                 run_to_file(row["script"], row["argv"], row["floor"], row["floor_steps"], report_path)
                 status = 0
