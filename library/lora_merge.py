@@ -26,7 +26,7 @@ from library import lora_svd, modelspec
 from library.errors import UserError
 from library.io_util import atomic_path
 from library.lora_model_map import ModelTargets, TargetLocation
-from library.lora_modules import LoraFile, LoraModuleWeights, reshape_down, reshape_up
+from library.lora_modules import LoraFile, LoraModuleWeights, lora_network_metadata, reshape_down, reshape_up
 from library.model_util import is_safetensors, load_target_model, save_stable_diffusion_checkpoint
 from library.safetensors_stream import TensorSpec, write_streaming
 from networks.lora import create_network_from_weights, lora_delta_weight, normalize_alpha
@@ -156,6 +156,19 @@ def _merge_into_loaded_model(
         metadata=_merged_model_metadata({}, save_to, models.v2, sd_model, loras),
     )
     return save_to
+
+
+def merged_lora_metadata(
+    merged: Mapping[str, LoraModuleWeights], loras: Sequence[LoraFile], save_to: Path
+) -> dict[str, str]:
+    """Metadata of a LoRA merged from `loras` (merge_lora.py / svd_merge_lora.py): the network
+    description and `modelspec.*` keys with `merged_from` naming the inputs."""
+    return {
+        **lora_network_metadata(merged, {"ss_network_module": "networks.lora"}),
+        **modelspec.tool_output_metadata(
+            modelspec.LORA, save_to, sources=[lora.metadata for lora in loras], merged_from=[lora.path for lora in loras]
+        ),
+    }
 
 
 def _merged_model_metadata(

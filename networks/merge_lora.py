@@ -21,14 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from library import lora_merge, lora_tool_args, modelspec  # noqa: E402
+from library import lora_merge, lora_tool_args  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_modules import (  # noqa: E402
     check_distinct_output,
     check_lora_output,
     check_ratios,
-    lora_network_metadata,
     read_lora,
     write_lora,
 )
@@ -79,12 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     save_to = check_distinct_output(check_lora_output(args.save_to), inputs)
     loras = [read_lora(path).rounded_to(merge_dtype) for path in args.models]
     merged = lora_merge.merge_lora_modules(loras, ratios, concat=args.concat)
-    metadata = {} if args.no_metadata else {
-        **lora_network_metadata(merged, {"ss_network_module": "networks.lora"}),
-        **modelspec.tool_output_metadata(
-            modelspec.LORA, save_to, sources=[lora.metadata for lora in loras], merged_from=args.models
-        ),
-    }
+    metadata = {} if args.no_metadata else lora_merge.merged_lora_metadata(merged, loras, save_to)
     write_lora(save_to, merged, save_dtype or torch.float32, metadata)
     print(f"saved {save_to} ({len(merged)} modules)")
 

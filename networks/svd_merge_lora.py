@@ -17,14 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from library import lora_merge, lora_svd, lora_tool_args, modelspec  # noqa: E402
+from library import lora_merge, lora_svd, lora_tool_args  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_modules import (  # noqa: E402
     check_distinct_output,
     check_lora_output,
     check_ratios,
-    lora_network_metadata,
     read_lora,
     write_lora,
 )
@@ -62,12 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     merged = lora_merge.svd_merge_modules(
         loras, ratios, args.new_rank, args.new_conv_rank, args.clamp_quantile, device
     )
-    metadata = {} if args.no_metadata else {
-        **lora_network_metadata(merged, {"ss_network_module": "networks.lora"}),
-        **modelspec.tool_output_metadata(
-            modelspec.LORA, save_to, sources=[lora.metadata for lora in loras], merged_from=args.models
-        ),
-    }
+    metadata = {} if args.no_metadata else lora_merge.merged_lora_metadata(merged, loras, save_to)
     write_lora(save_to, merged, save_dtype or torch.float32, metadata)
     print(f"saved {save_to} ({len(merged)} modules, rank {metadata.get('ss_network_dim', args.new_rank)})")
 
