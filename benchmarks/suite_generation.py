@@ -48,9 +48,9 @@ SUITE = "generation"
 PROMPT = "a photo of a cat sitting on a sofa, highly detailed"
 SD_SCRIPTS_GEN_PEAK_MIB = 8632  # ../shared/BASELINE.md: sd-scripts' generator, 64×64, single file, with LoRA
 RSS_TARGET_SHARE = 0.6
-PHASES = ("none", "lora", "pre_calc", "merge")  # merge last: it changes the loaded weights
+PHASES = ("none", "lora", "pre_calc", "merge")  # pre_calc and merge last: they change the loaded weights
 PHASE_FLAGS = {"none": [], "lora": [], "pre_calc": ["--network_pre_calc"], "merge": ["--network_merge"]}
-FULL = {"size": 64, "steps": 10, "rounds": 2, "script_phases": PHASES, "diffusers_rss": True,
+FULL = {"size": 64, "steps": 10, "rounds": 4, "script_phases": PHASES, "diffusers_rss": True,
         "decode_size": 512, "decode_slices": (None, 4)}
 # quick (tests): every code path once, in as few processes as possible (each start imports torch + diffusers)
 QUICK = {"size": 64, "steps": 2, "rounds": 2, "script_phases": ("lora",), "diffusers_rss": False,
@@ -209,9 +209,8 @@ def _leave_phase(phase: str, generator) -> None:
         network = loaded.network
         if phase == "lora":
             network.restore()
-        elif phase == "pre_calc":  # the pre-computed forward is an instance attribute; drop it
-            for module in network.text_encoder_loras + network.unet_loras:
-                module.org_module.__dict__.pop("forward", None)
+        # pre_calc and merge wrote into the weights in place (nothing to undo for timing: the
+        # next phases cost the same on changed weights)
     generator.networks = []
 
 

@@ -10,9 +10,9 @@ Three ways to apply a network:
 - hooked (default): the network wraps the layers' forward; multipliers can change per prompt
   (`--am`);
 - `--network_merge`: ΔW·multiplier is added into the model weights (the module's `merge_to`);
-- `--network_pre_calc`: each wrapped layer runs with a pre-computed W + ΔW·multiplier kept
-  beside the original weight, so the base weights stay untouched but a step costs what the
-  base model costs. Multipliers are then fixed.
+- `--network_pre_calc`: ΔW·multiplier is computed by the network's own modules and added into
+  the weights in place, and each layer gets its plain forward back, so a step costs what the
+  base model costs and no weight is held twice. Multipliers are then fixed.
 """
 from __future__ import annotations
 
@@ -168,24 +168,17 @@ def _lora_modules(network: Any) -> list[Any]:
     return list(getattr(network, "text_encoder_loras", [])) + list(getattr(network, "unet_loras", []))
 
 
-def _precomputed_forward(layer: torch.nn.Module, weight: torch.Tensor):
-    if isinstance(layer, torch.nn.Conv2d):
-        return lambda x, *a, **k: layer._conv_forward(x, weight, layer.bias)
-    return lambda x, *a, **k: torch.nn.functional.linear(x, weight, layer.bias)
-
-
 @torch.no_grad()
 def pre_calculate(network: Any, file: Path) -> None:
-    """Replace each hooked layer's forward with one that uses W + multiplier·ΔW (computed once)."""
-    from networks.lora import lora_delta_weight
+    """Add multiplier·ΔW into each hooked layer's weight once and give the layer its plain forward
+    back, so a step costs what the base model costs. In place: no second copy of any weight."""
+    from networks.lora import add_delta_into_weight
 
     modules = _lora_modules(network)
     if not modules or not all(hasattr(m, "lora_down") and hasattr(m, "lora_up") for m in modules):
         raise UserError(f"--network_pre_calc: the network of {file} has no plain LoRA modules to pre-compute")
     for lora in modules:
-        layer = lora.org_module
-        delta = lora_delta_weight(lora.lora_down.weight, lora.lora_up.weight, lora.alpha, layer.weight.shape)
-        weight = (layer.weight.float() + lora.multiplier * delta.to(layer.weight.device)).to(layer.weight.dtype)
-        layer.forward = _precomputed_forward(layer, weight)
+        add_delta_into_weight(lora.org_module, lora.lora_down.weight, lora.lora_up.weight, lora.alpha, lora.multiplier)
+        lora.restore()
     network._pre_calculated = True
     logger.info("pre-computed %d layers of %s", len(modules), file)

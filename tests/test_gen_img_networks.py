@@ -105,3 +105,45 @@ def test_wrong_networks_are_one_line_errors(tmp_path, capsys, tiny_model_files_v
     assert "--network_mul" in error_of(
         capsys, base + lora_flags(v2_lora, "--network_mul", "1", "2", "3")
     )
+
+
+def test_merge_and_pre_calc_write_into_the_weights_in_place(tiny_models_v1, strong_lora):
+    """No second copy of a weight: merged / pre-computed layers keep their storage, hold exactly
+    W + multiplier·ΔW rounded once, and pre-computed layers run their own forward again."""
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    from library.gen_networks import pre_calculate
+    from networks import lora
+
+    unet, vae, text_encoder = tiny_models_v1
+    weights_sd = load_file(strong_lora)
+
+    def expected_weights(network):
+        return {
+            m.lora_name: m.org_module.weight.float() + 0.7 * lora.lora_delta_weight(
+                weights_sd[f"{m.lora_name}.lora_down.weight"], weights_sd[f"{m.lora_name}.lora_up.weight"],
+                weights_sd[f"{m.lora_name}.alpha"], m.org_module.weight.shape)
+            for m in network.text_encoder_loras + network.unet_loras
+        }
+
+    for mode in ("merge", "pre_calc"):
+        te, un = copy.deepcopy(text_encoder), copy.deepcopy(unet)
+        network, _ = lora.create_network_from_weights(0.7, str(strong_lora), vae, te, un, for_inference=True)
+        modules = network.text_encoder_loras + network.unet_loras
+        expected = expected_weights(network)
+        storage = {m.lora_name: m.org_module.weight.data_ptr() for m in modules}
+        if mode == "merge":
+            network.merge_to(te, un, weights_sd)
+        else:
+            network.apply_to(te, un)
+            network.load_state_dict(weights_sd)
+            pre_calculate(network, strong_lora)
+        assert len(modules) > 50
+        for m in modules:
+            layer = m.org_module
+            assert layer.weight.data_ptr() == storage[m.lora_name], (mode, m.lora_name)
+            assert torch.equal(layer.weight, expected[m.lora_name]), (mode, m.lora_name)
+            assert "forward" not in layer.__dict__, (mode, m.lora_name)
