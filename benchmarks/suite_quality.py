@@ -8,8 +8,8 @@ Rows (figures in [0, 1], judged by `library.shape_scenes.judge_image`):
   training captions (random background, position, size); the fraction of images whose colour,
   shape and both are as asked. `base <sampler> <shape|colour>` break the first sampler down.
 - `lora demo` / `db demo` / `ti demo`: each demo config of examples/shapes_demo/ is trained as a
-  user runs it (a child process), then held-out prompts ask for the new shape; `star_before` and
-  `star_after` are the fractions of images the judge reads as a star (out of all five shapes)
+  user runs it (a child process), then held-out prompts ask for the new shape (a cross);
+  `new_before` and `new_after` are the fractions of images the judge reads as that shape (out of all five shapes)
   before and after training. Before: the base model (LoRA at multiplier 0 / the base model
   file / the embedding as initialised, i.e. the init word). `base_both_after` is the base-shape
   figure once the demo's result is applied (what the new shape cost the old ones).
@@ -75,8 +75,8 @@ def _train_demo(ctx: Context, script: str, config: str, name: str) -> tuple[Path
     return out, measured.wall_s
 
 
-def _star_fraction(models: GenModels, prompts: list[str], seeds: list[int], steps: int) -> float:
-    return shape_fraction(generate(models, prompts, seeds, DEMO_SAMPLER, steps, GUIDANCE), "star")
+def _new_shape_fraction(models: GenModels, prompts: list[str], seeds: list[int], steps: int) -> float:
+    return shape_fraction(generate(models, prompts, seeds, DEMO_SAMPLER, steps, GUIDANCE), shape_demos.NEW_SHAPE)
 
 
 def _base_both(models: GenModels, steps: int) -> float:
@@ -93,20 +93,20 @@ def demo_rows(ctx: Context) -> list[Row]:
     out, seconds = _train_demo(ctx, "train_network.py", "lora.toml", "shapes_lora")
     models = load_models()
     prompts, seeds = new_shape_prompts(count, DEMO_SEED, shape_demos.LORA_WORD)
-    network = apply_lora(models, out / "sks_star.safetensors", 0.0)
-    before = _star_fraction(models, prompts, seeds, ctx.steps)
+    network = apply_lora(models, out / "sks_cross.safetensors", 0.0)
+    before = _new_shape_fraction(models, prompts, seeds, ctx.steps)
     network.set_multiplier(1.0)
-    after = _star_fraction(models, prompts, seeds, ctx.steps)
-    metrics = {"star_before": before, "star_after": after, "base_both_after": _base_both(models, ctx.steps), "train_s": seconds}
+    after = _new_shape_fraction(models, prompts, seeds, ctx.steps)
+    metrics = {"new_before": before, "new_after": after, "base_both_after": _base_both(models, ctx.steps), "train_s": seconds}
     rows.append(Row(SUITE, "lora demo", params, metrics))
     network.restore()
 
     # DreamBooth: before = the base model, after = the trained model file
     out, seconds = _train_demo(ctx, "train_db.py", "db.toml", "shapes_db")
-    trained = load_models(out / "sks_star_db.safetensors")
+    trained = load_models(out / "sks_cross_db.safetensors")
     metrics = {
-        "star_before": before,
-        "star_after": _star_fraction(trained, prompts, seeds, ctx.steps),
+        "new_before": before,
+        "new_after": _new_shape_fraction(trained, prompts, seeds, ctx.steps),
         "base_both_after": _base_both(trained, ctx.steps),
         "train_s": seconds,
     }
@@ -118,10 +118,10 @@ def demo_rows(ctx: Context) -> list[Row]:
     out, seconds = _train_demo(ctx, "train_textual_inversion.py", "ti.toml", "shapes_ti")
     token = shape_demos.TI_TOKEN
     prompts, seeds = new_shape_prompts(count, DEMO_SEED, token)
-    before = _star_fraction(models, [p.replace(token, shape_demos.TI_INIT_WORD) for p in prompts], seeds, ctx.steps)
+    before = _new_shape_fraction(models, [p.replace(token, shape_demos.TI_INIT_WORD) for p in prompts], seeds, ctx.steps)
     embedding_files.load_embedding_into(models.tokenizer, models.text_encoder, out / f"{token}.safetensors")
-    after = _star_fraction(models, prompts, seeds, ctx.steps)
-    rows.append(Row(SUITE, "ti demo", params, {"star_before": before, "star_after": after, "train_s": seconds}))
+    after = _new_shape_fraction(models, prompts, seeds, ctx.steps)
+    rows.append(Row(SUITE, "ti demo", params, {"new_before": before, "new_after": after, "train_s": seconds}))
     return rows
 
 

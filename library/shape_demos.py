@@ -1,7 +1,7 @@
 """The data of the shapes demos (examples/shapes_demo/): a new shape for the tiny model to learn.
 
 The LoRA, DreamBooth and textual-inversion demos teach the shipped tiny shapes model
-(docs/tiny_model.md) a star, a shape its training pictures never had. Their pictures are drawn
+(docs/tiny_model.md) a cross, a shape its training pictures never had. Their pictures are drawn
 by `library.shape_scenes` and committed; `write_demo_data` draws them again, bit for bit, so
 the folders can be checked and rebuilt:
 
@@ -13,10 +13,13 @@ from pathlib import Path
 
 from library.shape_scenes import BASE_SHAPES, make_scenes, write_scene_folder
 
-NEW_SHAPE = "star"
+# a cross, not a star: a star's points are finer than what the model's VAE keeps at 64 px
+# (8 × 8 latents): encoded and decoded, 2 of 24 stars but 18 of 24 crosses were still read
+# as such (docs/tiny_model.md)
+NEW_SHAPE = "cross"
 LORA_WORD = "sks"  # the LoRA / DreamBooth demos' word for the new shape (a rare CLIP token)
-TI_TOKEN = "mystar"  # the TI demo's token string (not in the CLIP vocabulary)
-TI_INIT_WORD = "triangle"
+TI_TOKEN = "mycross"  # the TI demo's token string (not in the CLIP vocabulary)
+TI_INIT_WORD = "square"
 NUM_IMAGES = 12
 NUM_REG_IMAGES = 24
 REPEATS = 10
@@ -31,9 +34,9 @@ REG_FOLDER = "reg/1_shape"
 def write_demo_data(root: str | Path) -> dict[str, list[Path]]:
     """Write the three picture folders under `root`; returns the image paths of each."""
     root = Path(root)
-    stars = make_scenes(NUM_IMAGES, IMAGE_SEED, (NEW_SHAPE,))
+    new_shapes = make_scenes(NUM_IMAGES, IMAGE_SEED, (NEW_SHAPE,))
     return {
-        LORA_FOLDER: write_scene_folder(root / LORA_FOLDER, stars, shape_word=LORA_WORD, prefix=NEW_SHAPE),
-        TI_FOLDER: write_scene_folder(root / TI_FOLDER, stars, shape_word=TI_TOKEN, prefix=NEW_SHAPE),
+        LORA_FOLDER: write_scene_folder(root / LORA_FOLDER, new_shapes, shape_word=LORA_WORD, prefix=NEW_SHAPE),
+        TI_FOLDER: write_scene_folder(root / TI_FOLDER, new_shapes, shape_word=TI_TOKEN, prefix=NEW_SHAPE),
         REG_FOLDER: write_scene_folder(root / REG_FOLDER, make_scenes(NUM_REG_IMAGES, REG_SEED, BASE_SHAPES), prefix="reg"),
     }

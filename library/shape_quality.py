@@ -110,7 +110,7 @@ def colour_share(images: Sequence[Image.Image], colour: str) -> float:
     return float(np.mean([colour_histogram(image)[colour] for image in images]))
 
 
-def new_shape_prompts(count: int, seed: int, shape_word: str, shape: str = "star") -> tuple[list[str], list[int]]:
+def new_shape_prompts(count: int, seed: int, shape_word: str, shape: str = "cross") -> tuple[list[str], list[int]]:
     """`count` prompts asking for the concept under `shape_word` (as the demos caption it), with seeds."""
     scenes = make_scenes(count, seed, (shape,), jitter=False)
     return [caption(s, shape_word) for s in scenes], [seed * 1000 + i for i in range(count)]

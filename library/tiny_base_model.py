@@ -46,7 +46,7 @@ class TinyBaseConfig:
     unet_layers_per_block: int = 1
     text_hidden_size: int = 64
     text_layers: int = 4
-    vae_steps: int = 600
+    vae_steps: int = 3000
     vae_batch_size: int = 8
     vae_crop: int = 32  # the VAE is convolutional: small crops teach it the same edges for 1/4 of the cost
     vae_learning_rate: float = 1e-3

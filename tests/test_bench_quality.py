@@ -24,6 +24,6 @@ def test_quality_suite_quick(tmp_path):
         for name, value in row["metrics"].items():
             if name != "images" and not name.endswith("_s"):
                 assert 0.0 <= value <= 1.0, (row["name"], name, value)
-    # 2 training steps change next to nothing: no star appears from them
-    assert rows["lora demo"]["metrics"]["star_before"] <= 0.25
+    # 2 training steps change next to nothing: no cross appears from them
+    assert rows["lora demo"]["metrics"]["new_before"] <= 0.25
     assert "| quality | lora demo |" in result.stdout

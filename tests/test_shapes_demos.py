@@ -1,7 +1,7 @@
 """The shapes demos (examples/shapes_demo/) and the README demo command that runs one of them.
 
 The demos themselves are judged by the quality suite (`benchmarks/suite_quality.py`: the
-fraction of stars before / after each full demo) and the LoRA picture test; here every demo
+fraction of crosses before / after each full demo) and the LoRA picture test; here every demo
 config runs for a few steps from the repository root, as a user runs it, and the committed
 pictures are checked against the generator that drew them.
 """
@@ -40,9 +40,9 @@ def test_committed_pictures_are_the_generators(tmp_path):
             assert (DEMO / folder / path.with_suffix(".txt").name).read_text(encoding="utf-8") == path.with_suffix(
                 ".txt"
             ).read_text(encoding="utf-8")
-    # the judge reads every demo picture as a star, and the regularisation pictures as base shapes
-    stars = [judge_image(Image.open(p), SHAPES).shape for p in written[shape_demos.LORA_FOLDER]]
-    assert stars == ["star"] * shape_demos.NUM_IMAGES
+    # the judge reads every demo picture as the new shape, and the regularisation pictures as base shapes
+    shapes = [judge_image(Image.open(p), SHAPES).shape for p in written[shape_demos.LORA_FOLDER]]
+    assert shapes == [shape_demos.NEW_SHAPE] * shape_demos.NUM_IMAGES
     captions = [p.with_suffix(".txt").read_text(encoding="utf-8") for p in written[shape_demos.TI_FOLDER]]
     assert all(f" {shape_demos.TI_TOKEN} on a " in c for c in captions)
 
@@ -70,13 +70,13 @@ def test_readme_demo_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the demo's paths are relative to the repository root
     out = tmp_path / "lora"
     assert run_main(train_network.main, [*argv, "--output_dir", str(out), "--logging_dir", str(tmp_path / "logs"), *QUICK]) == 0
-    assert (out / "sks_star.safetensors").is_file()
+    assert (out / "sks_cross.safetensors").is_file()
     first = [name for name in _samples(out) if "_e000000_" in name]  # --sample_at_first: step 0
     assert len(first) == 4, _samples(out)
 
 
 @pytest.mark.parametrize("script,config,output", [
-    ("db", "db.toml", "sks_star_db.safetensors"), ("ti", "ti.toml", "mystar.safetensors"),
+    ("db", "db.toml", "sks_cross_db.safetensors"), ("ti", "ti.toml", "mycross.safetensors"),
 ])  # fmt: skip
 def test_db_and_ti_demos_run(tmp_path, monkeypatch, script, config, output):
     monkeypatch.chdir(ROOT)
