@@ -4,7 +4,8 @@
     python3 benchmarks/run.py --suites quality --quick        # a few images, 2-step demo runs (tests)
 
 Rows (figures in [0, 1], judged by `library.shape_scenes.judge_image`):
-- `base <sampler>`: for every (shape, colour) pair, `prompts_per_pair` prompts written like the
+- `base <sampler>`: for every (shape, colour) pair, `prompts_per_pair` prompts (8 for the first
+  sampler, 2 for the others; 1 in quick mode) written like the
   training captions (random background, position, size); the fraction of images whose colour,
   shape and both are as asked. `base <sampler> <shape|colour>` break the first sampler down.
 - `lora demo` / `db demo` / `ti demo`: each demo config of examples/shapes_demo/ is trained as a
@@ -47,11 +48,13 @@ def _base_figures(models: GenModels, sampler: str, steps: int, per_pair: int):
 
 
 def base_rows(ctx: Context, models: GenModels) -> list[Row]:
-    per_pair = 1 if ctx.quick else 8
-    samplers = ["euler_a", "ddim"] if ctx.quick else list(SAMPLER_NAMES)
-    params = {"steps": ctx.steps, "scale": GUIDANCE, "prompts_per_pair": per_pair, "size": 64}
+    # the demos' sampler first: it is the one broken down by shape and colour
+    samplers = ["euler_a", "ddim"] if ctx.quick else [DEMO_SAMPLER] + [s for s in SAMPLER_NAMES if s != DEMO_SAMPLER]
     rows = []
     for index, sampler in enumerate(samplers):
+        # the first sampler is the one broken down by shape and colour: more prompts for it
+        per_pair = 1 if ctx.quick else (8 if index == 0 else 2)
+        params = {"steps": ctx.steps, "scale": GUIDANCE, "prompts_per_pair": per_pair, "size": 64}
         scenes, images = _base_figures(models, sampler, ctx.steps, per_pair)
         rows.append(Row(SUITE, f"base {sampler}", {**params, "sampler": sampler}, judge_scenes(images, scenes).as_dict()))
         if index == 0:  # where the first sampler's errors are
