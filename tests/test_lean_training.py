@@ -163,3 +163,40 @@ def test_adamw_foreach_default_trains_bit_identically_to_the_loop(workspace, tmp
     args = th.parse(th.base_argv(workspace["model"], workspace["img"], tmp_path / "x"))
     name, shown, optimizer = optimizers.get_optimizer(args, [torch.nn.Parameter(torch.zeros(2))])
     assert optimizer.defaults["foreach"] is True and shown == ""  # ss_optimizer stays "torch.optim.adamw.AdamW"
+
+
+def _unet_only_run(workspace, out, steps):
+    """A --network_train_unet_only run counting the text-encoder forwards from the first step on."""
+    seen = {"forwards_in_loop": 0}
+
+    def at_start(ctx):
+        def count(*_):
+            seen["forwards_in_loop"] += 1
+
+        seen["hook"] = ctx.models.text_encoder.register_forward_hook(count)
+        seen["cached"] = len(ctx.accelerator.unwrap_model(ctx.step_module)._encode_text)
+
+    def at_end(ctx):
+        seen["hook"].remove()
+        seen["network"] = th.network_state(ctx)
+
+    argv = th.base_argv(workspace["model"], workspace["img"], out, "--max_train_steps", str(steps), "--train_batch_size", "1",
+                        "--cache_latents", "--network_train_unet_only")
+    result = th.run_train(argv, train_core.TrainHooks(on_train_start=at_start, on_train_end=at_end))
+    return result, seen
+
+
+def test_unet_only_text_encoder_outputs_are_cached_before_the_loop(workspace, tmp_path, monkeypatch):
+    # 2 images with 2 captions, 3 steps: the captions are encoded before the first step
+    ahead, ahead_seen = _unet_only_run(workspace, tmp_path / "ahead", 3)
+    assert ahead_seen["cached"] == 2 and ahead_seen["forwards_in_loop"] == 0
+    # only the captions of the batches the run shows: 1 step shows 1 image
+    _, one_seen = _unet_only_run(workspace, tmp_path / "one", 1)
+    assert one_seen["cached"] == 1 and one_seen["forwards_in_loop"] == 0
+    # the lazy cache (each new caption encoded in the step that first shows it) trains the same bits
+    monkeypatch.setattr(train_core._Runner, "_fill_text_cache", lambda self: None)
+    lazy, lazy_seen = _unet_only_run(workspace, tmp_path / "lazy", 3)
+    assert lazy_seen["cached"] == 0 and lazy_seen["forwards_in_loop"] == 2
+    assert ahead.step_losses == lazy.step_losses
+    assert ahead_seen["network"].keys() == lazy_seen["network"].keys()
+    assert all(torch.equal(ahead_seen["network"][k], lazy_seen["network"][k]) for k in lazy_seen["network"])
