@@ -18,7 +18,9 @@ The run is the LoRA bench of ../shared/BASELINE.md (64 px, batch 1, dim 8, fp32,
   encoder and U-Net on the same shapes (gradients carried through every layer of both, no weight
   gradients; LoRA routed out), and one of the U-Net alone. Interleaving makes the ratio
   step / floor robust on a noisy machine;
-- with `--torch_profile N`: the top operators of N steps (torch.profiler), by self CPU time.
+- with `--torch_profile`: the top operators of the loop (torch.profiler), by self CPU time; with
+  `--floor` also the operators of a LoRA step side by side with those of the floor it is compared
+  with (the U-Net floor with `--network_train_unet_only`), per run, largest difference first.
 
 Memory figures of the in-process run include this script's own few MiB; `--measured` gives the
 number to quote (the script run as a user runs it, peak RSS read by the child itself).
@@ -80,6 +82,7 @@ class Profile:
     top_ops: list[dict[str, Any]] = field(default_factory=list)
     measured: dict[str, Any] = field(default_factory=dict)
     rss_trace: list[dict[str, Any]] = field(default_factory=list)
+    op_table: list[dict[str, Any]] = field(default_factory=list)  # --torch_profile --floor
     imports: dict[str, Any] = field(default_factory=dict)
 
     @contextlib.contextmanager
@@ -332,6 +335,60 @@ def _timed(profile: Profile, part: str, fn: Callable[..., Any]) -> Callable[...,
     return wrapper
 
 
+STEP_LABEL, FLOOR_LABELS = "LoRA step", {True: "floor U-Net + TE", False: "floor U-Net"}
+
+
+def _labelled(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` inside a torch.profiler range named `label` (ops are attributed to their nearest range)."""
+    import torch
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def ops_by_range(events: Any, labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Self CPU ms per operator within each labelled range (an op counts for its nearest labelled
+    ancestor), and how many times each range ran; ranges `<label>: <part>` count as `<label>`."""
+    def label_of(name: str) -> Optional[str]:
+        head = name.split(":", 1)[0]
+        return head if head in labels else None
+
+    out: dict[str, dict[str, Any]] = {label: {"ranges": {}, "ops": {}} for label in labels}
+    for event in events:
+        own = label_of(event.name)
+        if own is not None:
+            ranges = out[own]["ranges"]
+            ranges[event.name] = ranges.get(event.name, 0) + 1
+            continue
+        parent = event.cpu_parent
+        while parent is not None and label_of(parent.name) is None:
+            parent = parent.cpu_parent
+        if parent is None:
+            continue
+        ops = out[label_of(parent.name)]["ops"]
+        ops[event.name] = ops.get(event.name, 0.0) + event.self_cpu_time_total / 1000
+    for entry in out.values():
+        entry["count"] = max(entry["ranges"].values(), default=0)  # ranges of one step run once each
+    return out
+
+
+def op_table(by_range: dict[str, dict[str, Any]], first: str, second: str, rows: int = 25) -> list[dict[str, Any]]:
+    """Side by side: ms per run of each operator in range `first` and in `second`, largest difference first."""
+    a, b = by_range.get(first, {}), by_range.get(second, {})
+    na, nb = max(a.get("count", 0), 1), max(b.get("count", 0), 1)
+    names = set(a.get("ops", {})) | set(b.get("ops", {}))
+    table = [{"op": n, first: a.get("ops", {}).get(n, 0.0) / na, second: b.get("ops", {}).get(n, 0.0) / nb} for n in names]
+    for row in table:
+        row["difference"] = row[first] - row[second]
+    table.sort(key=lambda row: abs(row["difference"]), reverse=True)
+    total = {"op": "(all operators)", first: sum(r[first] for r in table), second: sum(r[second] for r in table)}
+    total["difference"] = total[first] - total[second]
+    return [total, *table[:rows]]
+
+
 def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int = 0, rss_trace: bool = False) -> Profile:
     """Train once in this process, stage by stage, timing the parts of every step."""
     import torch
@@ -359,8 +416,9 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
                 reso = args.resolution if isinstance(args.resolution, (tuple, list)) else (args.resolution,) * 2
                 hw = (int(reso[1]) // 8, int(reso[0]) // 8)
                 floor = floor_holder["floor"] = Floor(ctx, self.network, hw, args.train_batch_size)
-            profile.floor_both.append(floor.step(with_text_encoder=True))
-            profile.floor_unet.append(floor.step(with_text_encoder=False))
+            for both, times in ((True, profile.floor_both), (False, profile.floor_unet)):
+                step = _labelled(FLOOR_LABELS[both], floor.step) if torch_profile_steps else floor.step
+                times.append(step(with_text_encoder=both))
             marks["floor_total"] += time.perf_counter() - start  # not part of the training step
 
         def setup(self, ctx: Any) -> None:
@@ -381,8 +439,11 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
     if trace is not None:
         trace.add("prepared")
 
-    runner._loss = _timed(profile, "data + forward + loss", runner._loss)
-    original_step = runner._optimizer_step
+    def label(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return _labelled(f"{STEP_LABEL}: {part}", fn) if torch_profile_steps else fn
+
+    runner._loss = _timed(profile, "data + forward + loss", label("forward", runner._loss))
+    original_step = label("optimizer", runner._optimizer_step)
 
     def optimizer_step(*step_args: Any) -> None:
         start, floor_before = time.perf_counter(), marks["floor_total"]
@@ -396,7 +457,7 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
 
     runner._optimizer_step = optimizer_step
     accelerator = runner.ctx.accelerator
-    accelerator.backward = _timed(profile, "backward", accelerator.backward)
+    accelerator.backward = _timed(profile, "backward", label("backward", accelerator.backward))
     saves: dict[str, float] = {}
     original_save = runner._final_save
 
@@ -438,6 +499,10 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
         profile.top_ops = [
             {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in rows
         ]
+        if with_floor:
+            by_range = ops_by_range(prof.events(), [STEP_LABEL, *FLOOR_LABELS.values()])
+            unet_only = "--network_train_unet_only" in argv
+            profile.op_table = op_table(by_range, STEP_LABEL, FLOOR_LABELS[not unet_only])
     return profile
 
 
@@ -560,6 +625,10 @@ def format_report(profile: Profile, info: dict[str, Any]) -> str:
     if profile.top_ops:
         lines += ["", "| operator | calls | self CPU ms |", "|---|---|---|"]
         lines += [f"| {op['op']} | {op['calls']} | {op['self_cpu_ms']:.1f} |" for op in profile.top_ops]
+    if profile.op_table:
+        first, second = [k for k in profile.op_table[0] if k not in ("op", "difference")]
+        lines += ["", f"| operator (self CPU ms per run) | {first} | {second} | difference |", "|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r[first]:.1f} | {r[second]:.1f} | {r['difference']:+.1f} |" for r in profile.op_table]
     if profile.rss_trace:
         lines += ["", format_rss_trace(profile.rss_trace)]
     if profile.imports:

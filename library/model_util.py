@@ -98,6 +98,7 @@ class SafetensorsReader:
             self.close()
             raise UserError(f"{path}: not a readable safetensors file ({err})") from None
         self._data_start = 8 + header_len
+        self._map: Any = None  # the whole file, copy-on-write, made by the first map_tensor
         self.shapes = {key: entry[1] for key, entry in self._entries.items()}
         if any(self._data_start + entry[3] > size for entry in self._entries.values()):
             self.close()
@@ -117,11 +118,30 @@ class SafetensorsReader:
             raise UserError(f"{self.path}: cannot read tensor '{key}'; the file may be truncated")
         return tensor
 
+    def map_tensor(self, key: str) -> torch.Tensor | None:
+        """The tensor as a copy-on-write view of the file's pages (None where its data is not
+        aligned for its dtype). Only the pages a computation reads become resident, and writes
+        go to private copies, never to the file. The mapping lives as long as the tensor."""
+        dtype, shape, start, end = self._entries[key]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        offset = self._data_start + start
+        numel = 1
+        for size in shape:
+            numel *= size
+        if offset % itemsize or end - start != numel * itemsize or numel == 0:
+            return None
+        if self._map is None:
+            import mmap
+
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(self._map, dtype=dtype, count=numel, offset=offset).reshape(shape)
+
     def close(self) -> None:
         handle = getattr(self, "_file", None)
         if handle is not None:
             handle.close()
             self._file = None
+        self._map = None  # not closed: mapped tensors keep it alive as long as they need it
 
 
 class LdmFile:
@@ -171,6 +191,12 @@ class LdmFile:
         if self._handle is None:
             return self._tensors[key]
         return self._handle.get_tensor(key)
+
+    def get_mapped(self, key: str) -> torch.Tensor:
+        """Like `get`, but from a `.safetensors` file as a copy-on-write view of the file's pages
+        (SafetensorsReader.map_tensor) where it can be mapped."""
+        mapped = self._handle.map_tensor(key) if self._handle is not None and key in self.shapes else None
+        return mapped if mapped is not None else self.get(key)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -300,6 +326,15 @@ def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype) -> CLIPTe
 
         def get(key: str) -> torch.Tensor:
             return ldm.get(sd_config.TE_V1_PREFIX + key[len(with_level):] if key.startswith(with_level) else key)
+
+    # the token embedding table (49408 rows: 145 MiB of SD 1.x's 470 MiB text encoder) is only
+    # ever read a row per token: mapped from the file, only the rows of the captions' tokens
+    # become resident, instead of the whole table read into the heap
+    mapped = {link.ldm_key for link in links if link.chunk is None and link.model_key.endswith("token_embedding.weight")}
+    read = get
+
+    def get(key: str) -> torch.Tensor:
+        return ldm.get_mapped(key) if key in mapped and key in ldm else read(key)
 
     weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
     _assign_weights(text_encoder, weights, ldm.path, "text encoder")

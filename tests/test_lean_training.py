@@ -125,7 +125,7 @@ def test_every_lora_profile_flag_is_in_its_guide():
 
     text = GUIDE.read_text(encoding="utf-8")
     flags = [o for a in lora_profile.setup_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
-    assert len(flags) == 11
+    assert len(flags) == 13
     for flag in flags:
         assert f"`{flag}`" in text, flag
 
@@ -149,6 +149,15 @@ def test_lora_profile_quick_reports_stages_parts_and_floor(tmp_path):
     assert report["summary"]["floor_te_unet_s"] > report["summary"]["floor_unet_s"] > 0
     assert 0.2 < report["summary"]["step_over_floor"] < 20
     assert "final save" in report["after_last_step"]
+    table = report["op_table"]  # the LoRA step's operators beside the floor's
+    assert table[0]["op"] == "(all operators)" and table[0]["LoRA step"] > 0 and table[0]["floor U-Net + TE"] > 0
+    assert len(table) > 5 and all(row["op"].startswith("aten::") or "::" in row["op"] for row in table[1:6])
+    points = [point["point"] for point in report["rss_trace"]]
+    for name in ("after _use_then_release", "after _unet_from_ldm", "after _text_encoder_from_ldm",
+                 "after _assign_weights(UNet)", "network built and applied", "step 4 done", "training done"):
+        assert name in points, name
+    assert points.index("after _use_then_release") < points.index("before _unet_from_ldm")  # the VAE goes first
+    assert all(point["RssAnon"] > 0 and point["VmHWM"] >= point["VmRSS"] > 0 for point in report["rss_trace"])
     assert "LoRA step / floor" in done.stdout
     assert (out / "output" / "lora.safetensors").is_file()
 
@@ -200,3 +209,37 @@ def test_unet_only_text_encoder_outputs_are_cached_before_the_loop(workspace, tm
     assert ahead.step_losses == lazy.step_losses
     assert ahead_seen["network"].keys() == lazy_seen["network"].keys()
     assert all(torch.equal(ahead_seen["network"][k], lazy_seen["network"][k]) for k in lazy_seen["network"])
+
+
+def _mapping_of(tensor: torch.Tensor) -> str:
+    """The file behind the memory of `tensor` ("" for anonymous memory), from /proc/self/maps."""
+    from pathlib import Path
+
+    address = tensor.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text(encoding="utf-8").splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5].strip() if len(fields) > 5 else ""
+    return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_token_embedding_is_mapped_from_the_file_not_copied(workspace):
+    import hashlib
+
+    from library import sd_config
+
+    path = workspace["model"]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    models = model_util.load_target_model(path)  # the file is closed when this returns
+    embedding = models.text_encoder.get_input_embeddings().weight
+    assert _mapping_of(embedding) == str(path.resolve())
+    assert _mapping_of(models.unet.conv_in.weight) != str(path.resolve())  # the rest is read into memory
+    assert _mapping_of(models.text_encoder.text_model.final_layer_norm.weight) != str(path.resolve())
+    with model_util.LdmFile(path) as ldm:
+        key = f"{sd_config.TE_V1_PREFIX}text_model.embeddings.token_embedding.weight"
+        assert torch.equal(embedding, ldm.get(key))
+    with torch.no_grad():
+        embedding[0] += 1.0  # copy-on-write: a private page changes, never the file
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
