@@ -151,7 +151,7 @@ def test_lora_profile_quick_reports_stages_parts_and_floor(tmp_path):
     assert "final save" in report["after_last_step"]
     table = report["op_table"]  # the LoRA step's operators beside the floor's
     assert table[0]["op"] == "(all operators)" and table[0]["LoRA step"] > 0 and table[0]["floor U-Net + TE"] > 0
-    assert len(table) > 5 and all(row["op"].startswith("aten::") or "::" in row["op"] for row in table[1:6])
+    assert len(table) > 5 and any(row["op"].startswith("aten::") for row in table[1:])
     points = [point["point"] for point in report["rss_trace"]]
     for name in ("after _use_then_release", "after _unet_from_ldm", "after _text_encoder_from_ldm",
                  "after _assign_weights(UNet)", "network built and applied", "step 4 done", "training done"):
