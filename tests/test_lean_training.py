@@ -150,7 +150,7 @@ def test_lora_profile_quick_reports_stages_parts_and_floor(tmp_path):
     assert 0.2 < report["summary"]["step_over_floor"] < 20
     assert "final save" in report["after_last_step"]
     table = report["op_table"]  # the LoRA step's operators beside the floor's
-    assert table[0]["op"] == "(all operators)" and table[0]["LoRA step"] > 0 and table[0]["floor U-Net + TE"] > 0
+    assert table[0]["op"] == "(all self CPU time in the range)" and table[0]["LoRA step"] > 0 and table[0]["floor U-Net + TE"] > 0
     assert len(table) > 5 and any(row["op"].startswith("aten::") for row in table[1:])
     points = [point["point"] for point in report["rss_trace"]]
     for name in ("after _use_then_release", "after _unet_from_ldm", "after _text_encoder_from_ldm",
