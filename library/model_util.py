@@ -310,7 +310,7 @@ def _vae_from_shapes(
     return vae
 
 
-def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype) -> CLIPTextModel:
+def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype, map_token_embedding: bool = False) -> CLIPTextModel:
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -328,9 +328,14 @@ def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype) -> CLIPTe
             return ldm.get(sd_config.TE_V1_PREFIX + key[len(with_level):] if key.startswith(with_level) else key)
 
     # the token embedding table (49408 rows: 145 MiB of SD 1.x's 470 MiB text encoder) is only
-    # ever read a row per token: mapped from the file, only the rows of the captions' tokens
-    # become resident, instead of the whole table read into the heap
-    mapped = {link.ldm_key for link in links if link.chunk is None and link.model_key.endswith("token_embedding.weight")}
+    # read a row per token by a run that does not train it: mapped from the file, only the rows
+    # of the captions' tokens become resident. Opt-in, because the mapping is only as aligned as
+    # the file's data offset: arithmetic over the whole table (e.g. transformers' mean-resizing
+    # when tokens are added) may then round differently than on 64-byte-aligned heap memory
+    mapped = {
+        link.ldm_key for link in links
+        if map_token_embedding and link.chunk is None and link.model_key.endswith("token_embedding.weight")
+    }
     read = get
 
     def get(key: str) -> torch.Tensor:
@@ -356,6 +361,7 @@ def load_target_model(
     tokenizer_cache_dir: str | Path | None = None,
     unet_use_linear_projection: bool | None = None,
     use_vae_first: Callable[[AutoencoderKL], None] | None = None,
+    map_token_embedding: bool = False,
 ) -> StableDiffusionModels:
     """Load an SD 1.x/2.x model from a single file (.safetensors/.ckpt) or a Diffusers folder.
 
@@ -368,6 +374,11 @@ def load_target_model(
     before the U-Net and text encoder are read; afterwards the VAE's weights are freed
     (`release_weights`: config and module tree kept, tensors on the meta device). A trainer
     that only needs the VAE to cache latents thus never holds all three models at once.
+
+    `map_token_embedding`: for a `.safetensors` single file, the text encoder's token-embedding
+    table becomes a copy-on-write mapping of the file (only the rows a run looks up become
+    resident); for callers that only look rows up (a LoRA run), not for ones that compute over
+    the table (adding tokens).
     """
     path = Path(path)
     if not path.exists():
@@ -406,7 +417,7 @@ def load_target_model(
                 vae_model = _use_then_release(first, use_vae_first, dtype, device)
             try:
                 unet = _unet_from_ldm(ldm, is_v2, dtype, unet_use_linear_projection)
-                text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype)
+                text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype, map_token_embedding)
             except UserError as err:
                 raise _with_path(err, path) from None
             if use_vae_first is None:

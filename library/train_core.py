@@ -421,6 +421,8 @@ class _Runner:
             device=load_device,
             tokenizer_cache_dir=getattr(args, "tokenizer_cache_dir", None),
             use_vae_first=use_vae_first,
+            # a method that only looks token rows up maps the table (model_util.load_target_model)
+            map_token_embedding=bool(getattr(method, "maps_token_embedding", False)),
         )
         if models.v2 and not args.v2:
             logger.info("the model is an SD v2 model: training as v2")

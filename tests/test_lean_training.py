@@ -232,7 +232,8 @@ def test_token_embedding_is_mapped_from_the_file_not_copied(workspace):
 
     path = workspace["model"]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    models = model_util.load_target_model(path)  # the file is closed when this returns
+    assert _mapping_of(model_util.load_target_model(path).text_encoder.get_input_embeddings().weight) != str(path.resolve())  # opt-in
+    models = model_util.load_target_model(path, map_token_embedding=True)  # the file is closed when this returns
     embedding = models.text_encoder.get_input_embeddings().weight
     assert _mapping_of(embedding) == str(path.resolve())
     assert _mapping_of(models.unet.conv_in.weight) != str(path.resolve())  # the rest is read into memory
@@ -244,3 +245,27 @@ def test_token_embedding_is_mapped_from_the_file_not_copied(workspace):
     with torch.no_grad():
         embedding[0] += 1.0  # copy-on-write: a private page changes, never the file
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_lora_run_maps_the_token_embedding_and_trains_identically(workspace, tmp_path, monkeypatch):
+    import train_network
+
+    def run(out):
+        seen = {}
+
+        def at_start(ctx):
+            seen["mapped"] = _mapping_of(ctx.models.text_encoder.get_input_embeddings().weight)
+
+        def at_end(ctx):
+            seen["network"] = th.network_state(ctx)
+
+        argv = th.base_argv(workspace["model"], workspace["img"], out, "--max_train_steps", "3", "--cache_latents")
+        return th.run_train(argv, train_core.TrainHooks(on_train_start=at_start, on_train_end=at_end)), seen
+
+    mapped, mapped_seen = run(tmp_path / "mapped")
+    monkeypatch.setattr(train_network.NetworkTrainingMethod, "maps_token_embedding", False)
+    read, read_seen = run(tmp_path / "read")
+    assert mapped_seen["mapped"] == str(workspace["model"].resolve()) != read_seen["mapped"]
+    assert mapped.step_losses == read.step_losses  # LoRA on the text encoder too: rows are only looked up
+    assert all(torch.equal(mapped_seen["network"][k], read_seen["network"][k]) for k in read_seen["network"])
