@@ -53,6 +53,9 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
 
     tracker_name = "network_train"
     script_name = "train_network.py"
+    #: the base model stays frozen: token-embedding rows are only looked up, so the table can be
+    #: mapped from a .safetensors file instead of read (train_core / model_util.load_target_model)
+    maps_token_embedding = True
     #: --network_args that change the network's shape or scale (others, like dropouts and
     #: learning-rate weights, may change when a run is resumed)
     STRUCTURAL_NETWORK_ARGS = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims",

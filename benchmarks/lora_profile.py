@@ -18,7 +18,9 @@ The run is the LoRA bench of ../shared/BASELINE.md (64 px, batch 1, dim 8, fp32,
   encoder and U-Net on the same shapes (gradients carried through every layer of both, no weight
   gradients; LoRA routed out), and one of the U-Net alone. Interleaving makes the ratio
   step / floor robust on a noisy machine;
-- with `--torch_profile N`: the top operators of N steps (torch.profiler), by self CPU time.
+- with `--torch_profile`: the top operators of the loop (torch.profiler), by self CPU time; with
+  `--floor` also the operators of a LoRA step side by side with those of the floor it is compared
+  with (the U-Net floor with `--network_train_unet_only`), per run, largest difference first.
 
 Memory figures of the in-process run include this script's own few MiB; `--measured` gives the
 number to quote (the script run as a user runs it, peak RSS read by the child itself).
@@ -79,6 +81,9 @@ class Profile:
     after_last_step: dict[str, float] = field(default_factory=dict)
     top_ops: list[dict[str, Any]] = field(default_factory=list)
     measured: dict[str, Any] = field(default_factory=dict)
+    rss_trace: list[dict[str, Any]] = field(default_factory=list)
+    op_table: list[dict[str, Any]] = field(default_factory=list)  # --torch_profile --floor
+    imports: dict[str, Any] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -96,6 +101,139 @@ class Profile:
 def median_after_warmup(values: Sequence[float]) -> Optional[float]:
     kept = list(values[WARMUP_STEPS:]) or list(values)
     return statistics.median(kept) if kept else None
+
+
+# --- fine-grained memory trace (--rss_trace) -------------------------------------------------
+MEMORY_FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+# loading steps of model_util / sd_keys timed by --rss_trace (module, function name)
+LOADING_STEPS = (
+    ("library.model_util", "load_vae"), ("library.model_util", "_vae_from_shapes"),
+    ("library.model_util", "_use_then_release"), ("library.model_util", "release_weights"),
+    ("library.model_util", "return_freed_memory"), ("library.model_util", "_unet_from_ldm"),
+    ("library.model_util", "_text_encoder_from_ldm"), ("library.model_util", "_load_diffusers_folder"),
+    ("library.model_util", "_assign_weights"), ("library.model_util", "_finish"),
+    ("library.sd_keys", "ldm_to_model"),
+)
+
+
+def memory_point() -> dict[str, Optional[float]]:
+    """RSS (anonymous = heap and tensors; file = mapped libraries and files), peak, MiB."""
+    return {name: proc_status_mib(name) for name in MEMORY_FIELDS}
+
+
+class RssTrace:
+    """Memory at named points of the run: stage marks, every step (up to `steps`), before / after
+    each loading step."""
+
+    def __init__(self, steps: int = 1000) -> None:
+        self.points: list[dict[str, Any]] = []
+        self._steps, self._seen_steps = steps, 0
+
+    def add(self, label: str) -> None:
+        self.points.append({"point": label, **memory_point()})
+
+    def on_mark(self, stage: str) -> None:  # a stage_timer observer
+        if stage == "step":
+            self._seen_steps += 1
+            if self._seen_steps > self._steps:
+                return
+            stage = f"step {self._seen_steps} done"
+        else:
+            stage = f"stage '{stage}' begins"
+        self.add(stage)
+
+    def wrap(self, module: Any, name: str) -> Callable[[], None]:
+        """Record memory before and after every call of `module.name`; returns the undo."""
+        original = getattr(module, name)
+
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            what = next((a for a in args if isinstance(a, str) and a in ("UNet", "VAE", "text encoder")), "")
+            label = f"{name}({what})" if what else name
+            self.add(f"before {label}")
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.add(f"after {label}")
+
+        setattr(module, name, traced)
+        return lambda: setattr(module, name, original)
+
+    def install(self) -> Callable[[], None]:
+        import importlib
+
+        from library import stage_timer
+
+        undo = [self.wrap(importlib.import_module(module), name) for module, name in LOADING_STEPS]
+        stage_timer.add_observer(self.on_mark)
+
+        def uninstall() -> None:
+            for step in undo:
+                step()
+            if self.on_mark in stage_timer._observers:
+                stage_timer._observers.remove(self.on_mark)
+
+        return uninstall
+
+
+IMPORT_STEPS = (
+    ("torch", "import torch"),
+    ("train_network (script)", "import train_network"),
+    ("library.train_core", "import library.train_core"),
+    ("accelerate.Accelerator", "from accelerate import Accelerator"),
+    ("diffusers UNet2DConditionModel", "from diffusers import UNet2DConditionModel"),
+    ("diffusers AutoencoderKL", "from diffusers import AutoencoderKL"),
+    ("transformers CLIPTextModel", "from transformers import CLIPTextModel"),
+    ("transformers CLIPTokenizer", "from transformers import CLIPTokenizer"),
+    ("networks.lora", "import networks.lora"),
+    ("library.optimizers", "import library.optimizers"),
+    ("library.custom_train_functions, samplers", "import library.custom_train_functions, library.samplers"),
+)
+HEAVY_MODULES = ("torch._dynamo", "torch._inductor", "torch.distributed", "transformers.generation", "transformers.pipelines",
+                 "diffusers.pipelines", "diffusers.loaders", "peft", "tokenizers", "scipy", "sklearn", "pandas",
+                 "cv2", "PIL.Image", "huggingface_hub", "safetensors", "jinja2", "triton", "sympy", "numba")
+
+
+def import_costs() -> dict[str, Any]:
+    """RSS after each import a LoRA run makes, in that order, in a fresh interpreter; and which
+    heavy modules the run's imports pull in (`sys.modules` at the end)."""
+    import subprocess
+
+    script = "\n".join([
+        "import json, sys, time",
+        f"sys.path.insert(0, {str(ROOT)!r})",
+        "def mib(field):",
+        "    for line in open('/proc/self/status', encoding='utf-8'):",
+        "        if line.startswith(field + ':'):",
+        "            return int(line.split()[1]) / 1024",
+        "rows = [['interpreter', 0.0, mib('VmRSS'), mib('RssAnon'), mib('RssFile')]]",
+        f"for label, statement in {list(IMPORT_STEPS)!r}:",
+        "    start = time.perf_counter()",
+        "    exec(statement)",
+        "    rows.append([label, time.perf_counter() - start, mib('VmRSS'), mib('RssAnon'), mib('RssFile')])",
+        f"heavy = {{name: name in sys.modules for name in {list(HEAVY_MODULES)!r}}}",
+        "print(json.dumps({'rows': rows, 'heavy': heavy, 'modules': len(sys.modules)}))",
+    ])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=str(ROOT))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def format_import_costs(costs: dict[str, Any]) -> str:
+    lines = ["| after importing | s | VmRSS | RssAnon | RssFile | + VmRSS |", "|---|---|---|---|---|---|"]
+    previous = None
+    for label, seconds, rss, anon, file in costs["rows"]:
+        delta = "" if previous is None else f"{rss - previous:+.0f}"
+        lines.append(f"| {label} | {seconds:.2f} | {rss:.0f} | {anon:.0f} | {file:.0f} | {delta} |")
+        previous = rss
+    loaded = [name for name, present in costs["heavy"].items() if present]
+    lines.append(f"\n{costs['modules']} modules loaded; of the heavy ones: {', '.join(loaded) or 'none'}")
+    return "\n".join(lines)
+
+
+def format_rss_trace(points: Sequence[dict[str, Any]]) -> str:
+    lines = ["| point | VmRSS | RssAnon | RssFile | peak |", "|---|---|---|---|---|"]
+    for p in points:
+        lines.append(f"| {p['point']} | {p['VmRSS'] or 0:.0f} | {p['RssAnon'] or 0:.0f} | {p['RssFile'] or 0:.0f} | {p['VmHWM'] or 0:.0f} |")
+    return "\n".join(lines)
 
 
 # --- the bench data --------------------------------------------------------------------
@@ -147,6 +285,7 @@ class Floor:
         generator = torch.Generator().manual_seed(0)
         self.latents = torch.randn((batch, channels, *latent_hw), generator=generator).to(self.device)
         self.timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(self.device)
+        self.fixed_states: Any = None
 
     def _states(self, carry_grad: bool) -> Any:
         torch = self.torch
@@ -167,8 +306,12 @@ class Floor:
         for lora in self.loras:
             lora.restore()
         try:
+            if not with_text_encoder and self.fixed_states is None:
+                # the U-Net floor runs on text states computed once, as a run with cached
+                # text-encoder outputs does (no text-encoder forward inside the timed step)
+                self.fixed_states = self._states(carry_grad=False)
             start = time.perf_counter()
-            states = self._states(with_text_encoder)
+            states = self._states(carry_grad=True) if with_text_encoder else self.fixed_states
             latents = self.latents.detach().requires_grad_(True)
             out = self.unet(latents, self.timesteps, states, return_dict=False)[0]
             loss = torch.nn.functional.mse_loss(out.float(), self.latents.float())
@@ -192,7 +335,64 @@ def _timed(profile: Profile, part: str, fn: Callable[..., Any]) -> Callable[...,
     return wrapper
 
 
-def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int = 0) -> Profile:
+STEP_LABEL, FLOOR_LABELS = "LoRA step", {True: "floor U-Net + TE", False: "floor U-Net"}
+OUTSIDE_OPS = "(outside operators: Python, module calls)"
+
+
+def _labelled(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` inside a torch.profiler range named `label` (ops are attributed to their nearest range)."""
+    import torch
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def ops_by_range(events: Any, labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Self CPU ms per operator within each labelled range (an op counts for its nearest labelled
+    ancestor), and how many times each range ran; ranges `<label>: <part>` count as `<label>`."""
+    def label_of(name: str) -> Optional[str]:
+        head = name.split(":", 1)[0]
+        return head if head in labels else None
+
+    out: dict[str, dict[str, Any]] = {label: {"ranges": {}, "ops": {}} for label in labels}
+    for event in events:
+        own = label_of(event.name)
+        if own is not None:
+            ranges = out[own]["ranges"]
+            ranges[event.name] = ranges.get(event.name, 0) + 1
+            ops = out[own]["ops"]  # the range's own time: Python, module calls, anything not an operator
+            ops[OUTSIDE_OPS] = ops.get(OUTSIDE_OPS, 0.0) + event.self_cpu_time_total / 1000
+            continue
+        parent = event.cpu_parent
+        while parent is not None and label_of(parent.name) is None:
+            parent = parent.cpu_parent
+        if parent is None:
+            continue
+        ops = out[label_of(parent.name)]["ops"]
+        ops[event.name] = ops.get(event.name, 0.0) + event.self_cpu_time_total / 1000
+    for entry in out.values():
+        entry["count"] = max(entry["ranges"].values(), default=0)  # ranges of one step run once each
+    return out
+
+
+def op_table(by_range: dict[str, dict[str, Any]], first: str, second: str, rows: int = 25) -> list[dict[str, Any]]:
+    """Side by side: ms per run of each operator in range `first` and in `second`, largest difference first."""
+    a, b = by_range.get(first, {}), by_range.get(second, {})
+    na, nb = max(a.get("count", 0), 1), max(b.get("count", 0), 1)
+    names = set(a.get("ops", {})) | set(b.get("ops", {}))
+    table = [{"op": n, first: a.get("ops", {}).get(n, 0.0) / na, second: b.get("ops", {}).get(n, 0.0) / nb} for n in names]
+    for row in table:
+        row["difference"] = row[first] - row[second]
+    table.sort(key=lambda row: abs(row["difference"]), reverse=True)
+    total = {"op": "(all self CPU time in the range)", first: sum(r[first] for r in table), second: sum(r[second] for r in table)}
+    total["difference"] = total[first] - total[second]
+    return [total, *table[:rows]]
+
+
+def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int = 0, rss_trace: bool = False) -> Profile:
     """Train once in this process, stage by stage, timing the parts of every step."""
     import torch
 
@@ -200,6 +400,10 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
     from library import train_core, train_util
 
     profile = Profile()
+    trace = RssTrace() if rss_trace else None
+    uninstall = trace.install() if trace is not None else (lambda: None)
+    if trace is not None:
+        trace.add("imports done")
     args = train_util.parse_args_with_config(train_network.setup_parser(), list(argv))
     floor_holder: dict[str, Floor] = {}
     marks: dict[str, float] = {"floor_total": 0.0}
@@ -215,9 +419,15 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
                 reso = args.resolution if isinstance(args.resolution, (tuple, list)) else (args.resolution,) * 2
                 hw = (int(reso[1]) // 8, int(reso[0]) // 8)
                 floor = floor_holder["floor"] = Floor(ctx, self.network, hw, args.train_batch_size)
-            profile.floor_both.append(floor.step(with_text_encoder=True))
-            profile.floor_unet.append(floor.step(with_text_encoder=False))
+            for both, times in ((True, profile.floor_both), (False, profile.floor_unet)):
+                step = _labelled(FLOOR_LABELS[both], floor.step) if torch_profile_steps else floor.step
+                times.append(step(with_text_encoder=both))
             marks["floor_total"] += time.perf_counter() - start  # not part of the training step
+
+        def setup(self, ctx: Any) -> None:
+            super().setup(ctx)
+            if trace is not None:
+                trace.add("network built and applied")
 
     method = ProfiledMethod(args)
     runner = train_core._Runner(args, method, train_core.TrainHooks())
@@ -225,11 +435,18 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
         runner.setup()
     with profile.stage("model loading + latent caching"):
         runner.load_models()  # with cached latents and no samples, caching happens in here
+    if trace is not None:
+        trace.add("models loaded")
     with profile.stage("prepare (network, optimizer, accelerate)"):
         runner.prepare()
+    if trace is not None:
+        trace.add("prepared")
 
-    runner._loss = _timed(profile, "data + forward + loss", runner._loss)
-    original_step = runner._optimizer_step
+    def label(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return _labelled(f"{STEP_LABEL}: {part}", fn) if torch_profile_steps else fn
+
+    runner._loss = _timed(profile, "data + forward + loss", label("forward", runner._loss))
+    original_step = label("optimizer", runner._optimizer_step)
 
     def optimizer_step(*step_args: Any) -> None:
         start, floor_before = time.perf_counter(), marks["floor_total"]
@@ -243,7 +460,7 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
 
     runner._optimizer_step = optimizer_step
     accelerator = runner.ctx.accelerator
-    accelerator.backward = _timed(profile, "backward", accelerator.backward)
+    accelerator.backward = _timed(profile, "backward", label("backward", accelerator.backward))
     saves: dict[str, float] = {}
     original_save = runner._final_save
 
@@ -275,12 +492,20 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
         done = time.perf_counter()
     if "last_step_end_wall" in marks:
         profile.after_last_step = {"total": done - marks["last_step_end_wall"], **saves}
+    uninstall()
+    if trace is not None:
+        trace.add("training done")
+        profile.rss_trace = trace.points
     if torch_profile_steps and prof is not None:
         averages = prof.key_averages()
         rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
         profile.top_ops = [
             {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in rows
         ]
+        if with_floor:
+            by_range = ops_by_range(prof.events(), [STEP_LABEL, *FLOOR_LABELS.values()])
+            unet_only = "--network_train_unet_only" in argv
+            profile.op_table = op_table(by_range, STEP_LABEL, FLOOR_LABELS[not unet_only])
     return profile
 
 
@@ -403,6 +628,14 @@ def format_report(profile: Profile, info: dict[str, Any]) -> str:
     if profile.top_ops:
         lines += ["", "| operator | calls | self CPU ms |", "|---|---|---|"]
         lines += [f"| {op['op']} | {op['calls']} | {op['self_cpu_ms']:.1f} |" for op in profile.top_ops]
+    if profile.op_table:
+        first, second = [k for k in profile.op_table[0] if k not in ("op", "difference")]
+        lines += ["", f"| operator (self CPU ms per run) | {first} | {second} | difference |", "|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r[first]:.1f} | {r[second]:.1f} | {r['difference']:+.1f} |" for r in profile.op_table]
+    if profile.rss_trace:
+        lines += ["", format_rss_trace(profile.rss_trace)]
+    if profile.imports:
+        lines += ["", format_import_costs(profile.imports)]
     if profile.measured:
         lines += ["", f"train_network.py in a fresh process: wall {profile.measured['wall_s']:.1f} s, "
                       f"peak RSS {profile.measured['peak_rss_mib']:.0f} MiB"]
@@ -422,6 +655,9 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--measured", action="store_true", help="also run train_network.py in a fresh child (peak RSS)")
     parser.add_argument("--micro", action="store_true",
                         help="only the micro-benchmarks: AdamW default/foreach/fused on the full-size LoRA shapes, LoRA layer overhead")
+    parser.add_argument("--rss_trace", action="store_true",
+                        help="memory (VmRSS, RssAnon, RssFile, peak) before / after every loading step, at stage marks and the first steps")
+    parser.add_argument("--imports", action="store_true", help="also the RSS after each import of a LoRA run, in a fresh interpreter")
     parser.add_argument("--train_args", type=str, nargs=argparse.REMAINDER, default=[],
                         help="extra train_network.py flags (last; e.g. --network_train_unet_only)")
     return parser
@@ -453,7 +689,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = write_random_sd_model(DEFAULT_MODEL)
     data = write_bench_images(out_dir / "data")
     train_argv = bench_argv(model, data, out_dir / "output", steps, args.resolution, args.train_args)
-    profile = profile_run(train_argv, args.floor, steps if args.torch_profile else 0)
+    profile = profile_run(train_argv, args.floor, steps if args.torch_profile else 0, args.rss_trace)
+    if args.imports:
+        profile.imports = import_costs()
     if args.measured:
         profile.measured = measured_run(bench_argv(model, data, out_dir / "output_measured", steps, args.resolution, args.train_args),
                                         out_dir, args.threads)

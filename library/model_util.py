@@ -98,6 +98,7 @@ class SafetensorsReader:
             self.close()
             raise UserError(f"{path}: not a readable safetensors file ({err})") from None
         self._data_start = 8 + header_len
+        self._map: Any = None  # the whole file, copy-on-write, made by the first map_tensor
         self.shapes = {key: entry[1] for key, entry in self._entries.items()}
         if any(self._data_start + entry[3] > size for entry in self._entries.values()):
             self.close()
@@ -117,11 +118,30 @@ class SafetensorsReader:
             raise UserError(f"{self.path}: cannot read tensor '{key}'; the file may be truncated")
         return tensor
 
+    def map_tensor(self, key: str) -> torch.Tensor | None:
+        """The tensor as a copy-on-write view of the file's pages (None where its data is not
+        aligned for its dtype). Only the pages a computation reads become resident, and writes
+        go to private copies, never to the file. The mapping lives as long as the tensor."""
+        dtype, shape, start, end = self._entries[key]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        offset = self._data_start + start
+        numel = 1
+        for size in shape:
+            numel *= size
+        if offset % itemsize or end - start != numel * itemsize or numel == 0:
+            return None
+        if self._map is None:
+            import mmap
+
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(self._map, dtype=dtype, count=numel, offset=offset).reshape(shape)
+
     def close(self) -> None:
         handle = getattr(self, "_file", None)
         if handle is not None:
             handle.close()
             self._file = None
+        self._map = None  # not closed: mapped tensors keep it alive as long as they need it
 
 
 class LdmFile:
@@ -171,6 +191,12 @@ class LdmFile:
         if self._handle is None:
             return self._tensors[key]
         return self._handle.get_tensor(key)
+
+    def get_mapped(self, key: str) -> torch.Tensor:
+        """Like `get`, but from a `.safetensors` file as a copy-on-write view of the file's pages
+        (SafetensorsReader.map_tensor) where it can be mapped."""
+        mapped = self._handle.map_tensor(key) if self._handle is not None and key in self.shapes else None
+        return mapped if mapped is not None else self.get(key)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -284,7 +310,7 @@ def _vae_from_shapes(
     return vae
 
 
-def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype) -> CLIPTextModel:
+def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype, map_token_embedding: bool = False) -> CLIPTextModel:
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -300,6 +326,20 @@ def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype) -> CLIPTe
 
         def get(key: str) -> torch.Tensor:
             return ldm.get(sd_config.TE_V1_PREFIX + key[len(with_level):] if key.startswith(with_level) else key)
+
+    # the token embedding table (49408 rows: 145 MiB of SD 1.x's 470 MiB text encoder) is only
+    # read a row per token by a run that does not train it: mapped from the file, only the rows
+    # of the captions' tokens become resident. Opt-in, because the mapping is only as aligned as
+    # the file's data offset: arithmetic over the whole table (e.g. transformers' mean-resizing
+    # when tokens are added) may then round differently than on 64-byte-aligned heap memory
+    mapped = {
+        link.ldm_key for link in links
+        if map_token_embedding and link.chunk is None and link.model_key.endswith("token_embedding.weight")
+    }
+    read = get
+
+    def get(key: str) -> torch.Tensor:
+        return ldm.get_mapped(key) if key in mapped and key in ldm else read(key)
 
     weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
     _assign_weights(text_encoder, weights, ldm.path, "text encoder")
@@ -321,6 +361,7 @@ def load_target_model(
     tokenizer_cache_dir: str | Path | None = None,
     unet_use_linear_projection: bool | None = None,
     use_vae_first: Callable[[AutoencoderKL], None] | None = None,
+    map_token_embedding: bool = False,
 ) -> StableDiffusionModels:
     """Load an SD 1.x/2.x model from a single file (.safetensors/.ckpt) or a Diffusers folder.
 
@@ -333,6 +374,11 @@ def load_target_model(
     before the U-Net and text encoder are read; afterwards the VAE's weights are freed
     (`release_weights`: config and module tree kept, tensors on the meta device). A trainer
     that only needs the VAE to cache latents thus never holds all three models at once.
+
+    `map_token_embedding`: for a `.safetensors` single file, the text encoder's token-embedding
+    table becomes a copy-on-write mapping of the file (only the rows a run looks up become
+    resident); for callers that only look rows up (a LoRA run), not for ones that compute over
+    the table (adding tokens).
     """
     path = Path(path)
     if not path.exists():
@@ -371,7 +417,7 @@ def load_target_model(
                 vae_model = _use_then_release(first, use_vae_first, dtype, device)
             try:
                 unet = _unet_from_ldm(ldm, is_v2, dtype, unet_use_linear_projection)
-                text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype)
+                text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype, map_token_embedding)
             except UserError as err:
                 raise _with_path(err, path) from None
             if use_vae_first is None:

@@ -171,6 +171,10 @@ class TextEmbeddingCache:
         self._encode, self._device, self._max_entries = encode, device, max_entries
         self._states: dict[str, torch.Tensor] = {}
 
+    @property
+    def max_entries(self) -> int:
+        return self._max_entries
+
     def _states_of(self, caption: str) -> torch.Tensor:
         states = self._states.get(caption)
         if states is None:
@@ -182,6 +186,16 @@ class TextEmbeddingCache:
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         return torch.stack([self._states_of(c) for c in captions]).to(self._device, non_blocking=True)
+
+    def fill(self, captions: Sequence[str]) -> int:
+        """Encode now (one caption per call, as the loop would) the captions not cached yet, while
+        there is room; returns how many were encoded."""
+        added = 0
+        for caption in captions:
+            if caption not in self._states and len(self._states) < self._max_entries:
+                self._states_of(caption)
+                added += 1
+        return added
 
     def __len__(self) -> int:
         return len(self._states)
@@ -247,6 +261,32 @@ def _text_encode_fn(args: argparse.Namespace, ctx: TrainContext) -> Callable[[li
         return text_encoding.encode_input_ids(text_encoder, input_ids, tokenizer, max_token_length, clip_skip, ctx.weight_dtype)
 
     return encode
+
+
+def _captions_ahead(dataset_group: Any, epoch: int, batch_index: int, batches: int, limit: int) -> list[str]:
+    """Distinct captions of the next `batches` batches from (epoch, batch_index), at most `limit`,
+    for a dataset group whose captions are fixed (one caption per image, no random draw)."""
+    from library.captions import process_caption
+
+    unused_rng = np.random.default_rng(0)  # fixed captions draw nothing from it
+    images = sum(len(d.image_data) for d in dataset_group.datasets)
+    captions: dict[str, None] = {}
+    seen: set[tuple[int, str]] = set()
+    while batches > 0 and len(captions) < limit and len(seen) < images:
+        order = dataset_group.epoch_order(epoch)
+        for dataset_index, image_keys in order[batch_index:batch_index + batches]:
+            dataset = dataset_group.datasets[dataset_index]
+            for key in image_keys:
+                if (dataset_index, key) in seen:
+                    continue
+                seen.add((dataset_index, key))
+                info = dataset.image_data[key]
+                caption = process_caption(info.caption, dataset.subset_of(info), unused_rng, epoch, 0,
+                                          dataset_group.max_train_steps, dataset_group.replacements)
+                captions.setdefault(caption, None)
+        batches -= max(0, len(order) - batch_index)
+        epoch, batch_index = epoch + 1, 0
+    return list(captions)[:limit]
 
 
 def _batches_per_rank(num_batches: int, world_size: int) -> int:
@@ -381,6 +421,8 @@ class _Runner:
             device=load_device,
             tokenizer_cache_dir=getattr(args, "tokenizer_cache_dir", None),
             use_vae_first=use_vae_first,
+            # a method that only looks token rows up maps the table (model_util.load_target_model)
+            map_token_embedding=bool(getattr(method, "maps_token_embedding", False)),
         )
         if models.v2 and not args.v2:
             logger.info("the model is an SD v2 model: training as v2")
@@ -451,6 +493,21 @@ class _Runner:
             ctx.global_step, self.start_epoch, self.start_batch = train_saving.resume_position(
                 state, accelerator.num_processes, ctx.num_batches_per_epoch
             )
+        if isinstance(self.encode_text, TextEmbeddingCache):
+            self._fill_text_cache()
+
+    def _fill_text_cache(self) -> None:
+        """Encode the captions of every batch the run will show before the loop starts, so the
+        text encoder never runs inside a step (lazily, each new caption cost a step a text-encoder
+        forward). Same states bit for bit: one caption per call, frozen encoder in eval mode."""
+        args, ctx, cache = self.args, self.ctx, self.encode_text
+        stage_timer.mark("caching")
+        world = ctx.accelerator.num_processes
+        batches = max(0, ctx.max_train_steps - ctx.global_step) * (args.gradient_accumulation_steps or 1) * world
+        captions = _captions_ahead(ctx.dataset_group, self.start_epoch, self.start_batch, batches, cache.max_entries)
+        added = cache.fill(captions)
+        logger.info("text encoder outputs cached for %d captions", added)
+        stage_timer.mark("setup")
 
     def _compute_lengths(self) -> None:
         args, ctx = self.args, self.ctx

@@ -125,7 +125,7 @@ def test_every_lora_profile_flag_is_in_its_guide():
 
     text = GUIDE.read_text(encoding="utf-8")
     flags = [o for a in lora_profile.setup_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
-    assert len(flags) == 11
+    assert len(flags) == 13
     for flag in flags:
         assert f"`{flag}`" in text, flag
 
@@ -149,6 +149,15 @@ def test_lora_profile_quick_reports_stages_parts_and_floor(tmp_path):
     assert report["summary"]["floor_te_unet_s"] > report["summary"]["floor_unet_s"] > 0
     assert 0.2 < report["summary"]["step_over_floor"] < 20
     assert "final save" in report["after_last_step"]
+    table = report["op_table"]  # the LoRA step's operators beside the floor's
+    assert table[0]["op"] == "(all self CPU time in the range)" and table[0]["LoRA step"] > 0 and table[0]["floor U-Net + TE"] > 0
+    assert len(table) > 5 and any(row["op"].startswith("aten::") for row in table[1:])
+    points = [point["point"] for point in report["rss_trace"]]
+    for name in ("after _use_then_release", "after _unet_from_ldm", "after _text_encoder_from_ldm",
+                 "after _assign_weights(UNet)", "network built and applied", "step 4 done", "training done"):
+        assert name in points, name
+    assert points.index("after _use_then_release") < points.index("before _unet_from_ldm")  # the VAE goes first
+    assert all(point["RssAnon"] > 0 and point["VmHWM"] >= point["VmRSS"] > 0 for point in report["rss_trace"])
     assert "LoRA step / floor" in done.stdout
     assert (out / "output" / "lora.safetensors").is_file()
 
@@ -163,3 +172,100 @@ def test_adamw_foreach_default_trains_bit_identically_to_the_loop(workspace, tmp
     args = th.parse(th.base_argv(workspace["model"], workspace["img"], tmp_path / "x"))
     name, shown, optimizer = optimizers.get_optimizer(args, [torch.nn.Parameter(torch.zeros(2))])
     assert optimizer.defaults["foreach"] is True and shown == ""  # ss_optimizer stays "torch.optim.adamw.AdamW"
+
+
+def _unet_only_run(workspace, out, steps):
+    """A --network_train_unet_only run counting the text-encoder forwards from the first step on."""
+    seen = {"forwards_in_loop": 0}
+
+    def at_start(ctx):
+        def count(*_):
+            seen["forwards_in_loop"] += 1
+
+        seen["hook"] = ctx.models.text_encoder.register_forward_hook(count)
+        seen["cached"] = len(ctx.accelerator.unwrap_model(ctx.step_module)._encode_text)
+
+    def at_end(ctx):
+        seen["hook"].remove()
+        seen["network"] = th.network_state(ctx)
+
+    argv = th.base_argv(workspace["model"], workspace["img"], out, "--max_train_steps", str(steps), "--train_batch_size", "1",
+                        "--cache_latents", "--network_train_unet_only")
+    result = th.run_train(argv, train_core.TrainHooks(on_train_start=at_start, on_train_end=at_end))
+    return result, seen
+
+
+def test_unet_only_text_encoder_outputs_are_cached_before_the_loop(workspace, tmp_path, monkeypatch):
+    # 2 images with 2 captions, 3 steps: the captions are encoded before the first step
+    ahead, ahead_seen = _unet_only_run(workspace, tmp_path / "ahead", 3)
+    assert ahead_seen["cached"] == 2 and ahead_seen["forwards_in_loop"] == 0
+    # only the captions of the batches the run shows: 1 step shows 1 image
+    _, one_seen = _unet_only_run(workspace, tmp_path / "one", 1)
+    assert one_seen["cached"] == 1 and one_seen["forwards_in_loop"] == 0
+    # the lazy cache (each new caption encoded in the step that first shows it) trains the same bits
+    monkeypatch.setattr(train_core._Runner, "_fill_text_cache", lambda self: None)
+    lazy, lazy_seen = _unet_only_run(workspace, tmp_path / "lazy", 3)
+    assert lazy_seen["cached"] == 0 and lazy_seen["forwards_in_loop"] == 2
+    assert ahead.step_losses == lazy.step_losses
+    assert ahead_seen["network"].keys() == lazy_seen["network"].keys()
+    assert all(torch.equal(ahead_seen["network"][k], lazy_seen["network"][k]) for k in lazy_seen["network"])
+
+
+def _mapping_of(tensor: torch.Tensor) -> str:
+    """The file behind the memory of `tensor` ("" for anonymous memory), from /proc/self/maps."""
+    from pathlib import Path
+
+    address = tensor.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text(encoding="utf-8").splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5].strip() if len(fields) > 5 else ""
+    return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_token_embedding_is_mapped_from_the_file_not_copied(workspace):
+    import hashlib
+
+    from library import sd_config
+
+    path = workspace["model"]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert _mapping_of(model_util.load_target_model(path).text_encoder.get_input_embeddings().weight) != str(path.resolve())  # opt-in
+    models = model_util.load_target_model(path, map_token_embedding=True)  # the file is closed when this returns
+    embedding = models.text_encoder.get_input_embeddings().weight
+    assert _mapping_of(embedding) == str(path.resolve())
+    assert _mapping_of(models.unet.conv_in.weight) != str(path.resolve())  # the rest is read into memory
+    others = [t for n, t in models.text_encoder.named_parameters() if "token_embedding" not in n]
+    assert others and all(_mapping_of(t) != str(path.resolve()) for t in others)
+    with model_util.LdmFile(path) as ldm:
+        key = f"{sd_config.TE_V1_PREFIX}text_model.embeddings.token_embedding.weight"
+        assert torch.equal(embedding, ldm.get(key))
+    with torch.no_grad():
+        embedding[0] += 1.0  # copy-on-write: a private page changes, never the file
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_lora_run_maps_the_token_embedding_and_trains_identically(workspace, tmp_path, monkeypatch):
+    import train_network
+
+    def run(out):
+        seen = {}
+
+        def at_start(ctx):
+            seen["mapped"] = _mapping_of(ctx.models.text_encoder.get_input_embeddings().weight)
+
+        def at_end(ctx):
+            seen["network"] = th.network_state(ctx)
+
+        argv = th.base_argv(workspace["model"], workspace["img"], out, "--max_train_steps", "3", "--cache_latents")
+        return th.run_train(argv, train_core.TrainHooks(on_train_start=at_start, on_train_end=at_end)), seen
+
+    mapped, mapped_seen = run(tmp_path / "mapped")
+    monkeypatch.setattr(train_network.NetworkTrainingMethod, "maps_token_embedding", False)
+    read, read_seen = run(tmp_path / "read")
+    assert mapped_seen["mapped"] == str(workspace["model"].resolve()) != read_seen["mapped"]
+    assert mapped.step_losses == read.step_losses  # LoRA on the text encoder too: rows are only looked up
+    assert all(torch.equal(mapped_seen["network"][k], read_seen["network"][k]) for k in read_seen["network"])
