@@ -9,7 +9,9 @@ Rows (figures in [0, 1], judged by `library.shape_scenes.judge_image`):
   training captions (random background, position, size); the fraction of images whose colour,
   shape and both are as asked. `base <sampler> <shape|colour>` break the first sampler down.
 - `lora demo` / `db demo` / `ti demo`: each demo config of examples/shapes_demo/ is trained as a
-  user runs it (a child process), then held-out prompts ask for the new shape (a cross);
+  user runs it (a child process), then held-out prompts ask for the new shape (a cross; for
+  `ti demo` the square under its new word, judged among the base shapes: textual inversion
+  cannot add a shape to a frozen U-Net);
   `new_before` and `new_after` are the fractions of images the judge reads as that shape (out of all five shapes)
   before and after training. Before: the base model (LoRA at multiplier 0 / the base model
   file / the embedding as initialised, i.e. the init word). `base_both_after` is the base-shape
@@ -120,10 +122,15 @@ def demo_rows(ctx: Context) -> list[Row]:
 
     out, seconds = _train_demo(ctx, "train_textual_inversion.py", "ti.toml", "shapes_ti")
     token = shape_demos.TI_TOKEN
-    prompts, seeds = new_shape_prompts(count, DEMO_SEED, token)
-    before = _new_shape_fraction(models, [p.replace(token, shape_demos.TI_INIT_WORD) for p in prompts], seeds, ctx.steps)
+    prompts, seeds = new_shape_prompts(count, DEMO_SEED, token, shape_demos.TI_SHAPE)
+
+    def square_fraction(prompt_list: list[str]) -> float:  # out of the base shapes: the TI shape is one
+        images = generate(models, prompt_list, seeds, DEMO_SAMPLER, ctx.steps, GUIDANCE)
+        return shape_fraction(images, shape_demos.TI_SHAPE, BASE_SHAPES)
+
+    before = square_fraction([p.replace(token, shape_demos.TI_INIT_WORD) for p in prompts])
     embedding_files.load_embedding_into(models.tokenizer, models.text_encoder, out / f"{token}.safetensors")
-    after = _new_shape_fraction(models, prompts, seeds, ctx.steps)
+    after = square_fraction(prompts)
     rows.append(Row(SUITE, "ti demo", params, {"new_before": before, "new_after": after, "train_s": seconds}))
     return rows
 

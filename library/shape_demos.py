@@ -1,7 +1,8 @@
 """The data of the shapes demos (examples/shapes_demo/): a new shape for the tiny model to learn.
 
 The LoRA, DreamBooth and textual-inversion demos teach the shipped tiny shapes model
-(docs/tiny_model.md) a cross, a shape its training pictures never had. Their pictures are drawn
+(docs/tiny_model.md) a cross, a shape its training pictures never had (the textual-inversion
+demo: a new word for its square). Their pictures are drawn
 by `library.shape_scenes` and committed; `write_demo_data` draws them again, bit for bit, so
 the folders can be checked and rebuilt:
 
@@ -18,8 +19,11 @@ from library.shape_scenes import BASE_SHAPES, make_scenes, write_scene_folder
 # as such (docs/tiny_model.md)
 NEW_SHAPE = "cross"
 LORA_WORD = "sks"  # the LoRA / DreamBooth demos' word for the new shape (a rare CLIP token)
-TI_TOKEN = "mycross"  # the TI demo's token string (not in the CLIP vocabulary)
-TI_INIT_WORD = "square"
+# textual inversion trains one embedding for a frozen U-Net, so it can only name what that U-Net
+# already draws: its demo gives the model's own square a new word, starting from "circle"
+TI_SHAPE = "square"
+TI_TOKEN = "myshape"  # the TI demo's token string (not in the CLIP vocabulary)
+TI_INIT_WORD = "circle"
 NUM_IMAGES = 12
 NUM_REG_IMAGES = 24
 REPEATS = 10
@@ -37,6 +41,8 @@ def write_demo_data(root: str | Path) -> dict[str, list[Path]]:
     new_shapes = make_scenes(NUM_IMAGES, IMAGE_SEED, (NEW_SHAPE,))
     return {
         LORA_FOLDER: write_scene_folder(root / LORA_FOLDER, new_shapes, shape_word=LORA_WORD, prefix=NEW_SHAPE),
-        TI_FOLDER: write_scene_folder(root / TI_FOLDER, new_shapes, shape_word=TI_TOKEN, prefix=NEW_SHAPE),
+        TI_FOLDER: write_scene_folder(
+            root / TI_FOLDER, make_scenes(NUM_IMAGES, IMAGE_SEED, (TI_SHAPE,)), shape_word=TI_TOKEN, prefix=TI_SHAPE
+        ),
         REG_FOLDER: write_scene_folder(root / REG_FOLDER, make_scenes(NUM_REG_IMAGES, REG_SEED, BASE_SHAPES), prefix="reg"),
     }

@@ -76,7 +76,7 @@ def test_readme_demo_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("script,config,output", [
-    ("db", "db.toml", "sks_cross_db.safetensors"), ("ti", "ti.toml", "mycross.safetensors"),
+    ("db", "db.toml", "sks_cross_db.safetensors"), ("ti", "ti.toml", "myshape.safetensors"),
 ])  # fmt: skip
 def test_db_and_ti_demos_run(tmp_path, monkeypatch, script, config, output):
     monkeypatch.chdir(ROOT)
