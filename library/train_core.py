@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from library import nonfinite, preflight, resume_util, stage_timer, train_saving, train_util
+from library.caption_states import TextEmbeddingCache, captions_ahead, text_encode_fn  # noqa: F401 - re-exported
 from library.errors import UserError
 # the script-facing contract lives in train_method; re-exported (train_core.TrainingMethod, ...)
 from library.train_method import TrainContext, TrainHooks, TrainingMethod, TrainResult  # noqa: F401
@@ -161,46 +162,6 @@ class DiffusionStep(nn.Module):
         return self._unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
 
 
-class TextEmbeddingCache:
-    """Encoder states per caption string (frozen text encoder), kept in host memory.
-
-    One caption per encoder call, so states never depend on batch mates (resumed runs stay
-    bit-identical); past `max_entries` captions, new ones are encoded but not stored."""
-
-    def __init__(self, encode: Callable[[list[str]], torch.Tensor], device: torch.device, max_entries: int = 50_000):
-        self._encode, self._device, self._max_entries = encode, device, max_entries
-        self._states: dict[str, torch.Tensor] = {}
-
-    @property
-    def max_entries(self) -> int:
-        return self._max_entries
-
-    def _states_of(self, caption: str) -> torch.Tensor:
-        states = self._states.get(caption)
-        if states is None:
-            with torch.no_grad():
-                states = self._encode([caption])[0].to("cpu")
-            if len(self._states) < self._max_entries:
-                self._states[caption] = states
-        return states
-
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        return torch.stack([self._states_of(c) for c in captions]).to(self._device, non_blocking=True)
-
-    def fill(self, captions: Sequence[str]) -> int:
-        """Encode now (one caption per call, as the loop would) the captions not cached yet, while
-        there is room; returns how many were encoded."""
-        added = 0
-        for caption in captions:
-            if caption not in self._states and len(self._states) < self._max_entries:
-                self._states_of(caption)
-                added += 1
-        return added
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-
 # --- data, latents, text, samples ------------------------------------------------------
 def _build_dataset_group(args: argparse.Namespace, method: TrainingMethod, accelerator: Any) -> Any:
     """The DatasetGroup from `--dataset_config` or the dataset flags (sd-scripts rules)."""
@@ -239,54 +200,6 @@ def _cache_latents(
 def _vae_needed_after_caching(args: argparse.Namespace, sample_prompts: Sequence[Any]) -> bool:
     """With cached latents, only sample images use the VAE later (whole-model saves re-read it)."""
     return not getattr(args, "cache_latents", False) or bool(sample_prompts)
-
-
-def _text_encode_fn(args: argparse.Namespace, ctx: TrainContext) -> Callable[[list[str]], torch.Tensor]:
-    from library import text_encoding
-
-    tokenizer, text_encoder = ctx.models.tokenizer, ctx.models.text_encoder
-    max_token_length, clip_skip = getattr(args, "max_token_length", None), getattr(args, "clip_skip", None)
-    weighted = bool(getattr(args, "weighted_captions", False))
-    no_padding = bool(getattr(args, "no_token_padding", False))
-
-    def encode(captions: list[str]) -> torch.Tensor:
-        if weighted:
-            return text_encoding.encode_weighted_captions(
-                tokenizer, text_encoder, captions, max_token_length, clip_skip, ctx.weight_dtype
-            )
-        if no_padding:  # --no_token_padding (train_db): ids padded to the batch's longest caption only
-            input_ids = text_encoding.tokenize_padded_to_longest(tokenizer, captions)
-        else:
-            input_ids = text_encoding.tokenize_captions(tokenizer, captions, max_token_length)
-        return text_encoding.encode_input_ids(text_encoder, input_ids, tokenizer, max_token_length, clip_skip, ctx.weight_dtype)
-
-    return encode
-
-
-def _captions_ahead(dataset_group: Any, epoch: int, batch_index: int, batches: int, limit: int) -> list[str]:
-    """Distinct captions of the next `batches` batches from (epoch, batch_index), at most `limit`,
-    for a dataset group whose captions are fixed (one caption per image, no random draw)."""
-    from library.captions import process_caption
-
-    unused_rng = np.random.default_rng(0)  # fixed captions draw nothing from it
-    images = sum(len(d.image_data) for d in dataset_group.datasets)
-    captions: dict[str, None] = {}
-    seen: set[tuple[int, str]] = set()
-    while batches > 0 and len(captions) < limit and len(seen) < images:
-        order = dataset_group.epoch_order(epoch)
-        for dataset_index, image_keys in order[batch_index:batch_index + batches]:
-            dataset = dataset_group.datasets[dataset_index]
-            for key in image_keys:
-                if (dataset_index, key) in seen:
-                    continue
-                seen.add((dataset_index, key))
-                info = dataset.image_data[key]
-                caption = process_caption(info.caption, dataset.subset_of(info), unused_rng, epoch, 0,
-                                          dataset_group.max_train_steps, dataset_group.replacements)
-                captions.setdefault(caption, None)
-        batches -= max(0, len(order) - batch_index)
-        epoch, batch_index = epoch + 1, 0
-    return list(captions)[:limit]
 
 
 def _batches_per_rank(num_batches: int, world_size: int) -> int:
@@ -504,7 +417,7 @@ class _Runner:
         stage_timer.mark("caching")
         world = ctx.accelerator.num_processes
         batches = max(0, ctx.max_train_steps - ctx.global_step) * (args.gradient_accumulation_steps or 1) * world
-        captions = _captions_ahead(ctx.dataset_group, self.start_epoch, self.start_batch, batches, cache.max_entries)
+        captions = captions_ahead(ctx.dataset_group, self.start_epoch, self.start_batch, batches, cache.max_entries)
         added = cache.fill(captions)
         logger.info("text encoder outputs cached for %d captions", added)
         stage_timer.mark("setup")
@@ -527,7 +440,7 @@ class _Runner:
 
     def _make_text_encoder(self) -> Callable[[list[str]], torch.Tensor]:
         args, ctx, method = self.args, self.ctx, self.method
-        encode = _text_encode_fn(args, ctx)
+        encode = text_encode_fn(args, ctx)
         # unpadded states differ in length per caption: they cannot be cached one caption at a time
         fixed = ctx.dataset_group.captions_are_fixed() and not getattr(args, "no_token_padding", False)
         if not method.train_text_encoder and fixed:
