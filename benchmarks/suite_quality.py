@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -32,7 +33,7 @@ from library.shape_quality import (
     SHIPPED_MODEL, GenModels, apply_lora, generate, judge_scenes, load_models, new_shape_prompts, pair_scenes,
     shape_fraction,
 )  # fmt: skip
-from library.shape_scenes import BASE_SHAPES, COLOURS, caption
+from library.shape_scenes import BASE_SHAPES, COLOURS, SHAPES, caption
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,12 @@ def _train_demo(ctx: Context, script: str, config: str, name: str) -> tuple[Path
     return out, measured.wall_s
 
 
-def _new_shape_fraction(models: GenModels, prompts: list[str], seeds: list[int], steps: int) -> float:
-    return shape_fraction(generate(models, prompts, seeds, DEMO_SAMPLER, steps, GUIDANCE), shape_demos.NEW_SHAPE)
+def _new_shape_fraction(
+    models: GenModels, prompts: list[str], seeds: list[int], steps: int,
+    shape: str = shape_demos.NEW_SHAPE, shapes: Sequence[str] = SHAPES,
+) -> float:
+    """Fraction of the prompts' images the judge reads as `shape` (out of `shapes`)."""
+    return shape_fraction(generate(models, prompts, seeds, DEMO_SAMPLER, steps, GUIDANCE), shape, shapes)
 
 
 def _base_both(models: GenModels, steps: int) -> float:
@@ -123,14 +128,11 @@ def demo_rows(ctx: Context) -> list[Row]:
     out, seconds = _train_demo(ctx, "train_textual_inversion.py", "ti.toml", "shapes_ti")
     token = shape_demos.TI_TOKEN
     prompts, seeds = new_shape_prompts(count, DEMO_SEED, token, shape_demos.TI_SHAPE)
-
-    def square_fraction(prompt_list: list[str]) -> float:  # out of the base shapes: the TI shape is one
-        images = generate(models, prompt_list, seeds, DEMO_SAMPLER, ctx.steps, GUIDANCE)
-        return shape_fraction(images, shape_demos.TI_SHAPE, BASE_SHAPES)
-
-    before = square_fraction([p.replace(token, shape_demos.TI_INIT_WORD) for p in prompts])
+    init_prompts = [p.replace(token, shape_demos.TI_INIT_WORD) for p in prompts]
+    # judged out of the base shapes: the TI shape is one of them
+    before = _new_shape_fraction(models, init_prompts, seeds, ctx.steps, shape_demos.TI_SHAPE, BASE_SHAPES)
     embedding_files.load_embedding_into(models.tokenizer, models.text_encoder, out / f"{token}.safetensors")
-    after = square_fraction(prompts)
+    after = _new_shape_fraction(models, prompts, seeds, ctx.steps, shape_demos.TI_SHAPE, BASE_SHAPES)
     rows.append(Row(SUITE, "ti demo", params, {"new_before": before, "new_after": after, "train_s": seconds}))
     return rows
 

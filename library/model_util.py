@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -125,9 +126,7 @@ class SafetensorsReader:
         dtype, shape, start, end = self._entries[key]
         itemsize = torch.empty((), dtype=dtype).element_size()
         offset = self._data_start + start
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         if offset % itemsize or end - start != numel * itemsize or numel == 0:
             return None
         if self._map is None:
