@@ -54,7 +54,8 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
     tracker_name = "network_train"
     script_name = "train_network.py"
     #: the base model stays frozen: token-embedding rows are only looked up, so the table can be
-    #: mapped from a .safetensors file instead of read (train_core / model_util.load_target_model)
+    #: mapped from a .safetensors file instead of read, and with --mmap_frozen_weights the whole
+    #: U-Net and text encoder (train_core / model_util.load_target_model)
     maps_token_embedding = True
     #: --network_args that change the network's shape or scale (others, like dropouts and
     #: learning-rate weights, may change when a run is resumed)
@@ -241,6 +242,11 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dim_from_weights", action="store_true",
         help="take each module's rank from the --network_weights file",
+    )
+    parser.add_argument(
+        "--mmap_frozen_weights", action="store_true",
+        help="map the frozen U-Net and text encoder of a .safetensors single file instead of reading them: "
+        "loading copies nothing and the file's pages are not held twice; changes the low bits of some results",
     )
 
 

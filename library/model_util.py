@@ -270,8 +270,29 @@ def _with_path(err: UserError, path: Path) -> UserError:
     return err if str(path) in message else UserError(f"{path}: {message}")
 
 
+def _mapping_getter(
+    ldm: LdmFile, links: list[sd_keys.KeyLink], read: Callable[[str], torch.Tensor], dtype: torch.dtype,
+    maps: Callable[[sd_keys.KeyLink], bool],
+) -> Callable[[str], torch.Tensor]:
+    """`read`, except for the tensors of the links `maps` picks that are stored whole and already
+    in `dtype`: those come as copy-on-write mappings of the file (`LdmFile.get_mapped`), so no
+    copy is made and a page becomes resident when a computation first reads it. Tensors that are
+    split or cast are read: mapping them would leave the source pages resident beside the copy."""
+    mapped = {
+        link.ldm_key for link in links
+        if link.chunk is None and maps(link) and link.ldm_key in ldm and ldm.dtype(link.ldm_key) == dtype
+    }
+    if not mapped:
+        return read
+
+    def get(key: str) -> torch.Tensor:
+        return ldm.get_mapped(key) if key in mapped else read(key)
+
+    return get
+
+
 def _unet_from_ldm(
-    ldm: LdmFile, v2: bool, dtype: torch.dtype, use_linear_projection: bool | None
+    ldm: LdmFile, v2: bool, dtype: torch.dtype, use_linear_projection: bool | None, map_weights: bool = False
 ) -> UNet2DConditionModel:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -283,7 +304,8 @@ def _unet_from_ldm(
         unet = UNet2DConditionModel.from_config(config)
     shapes = {k: v.shape for k, v in unet.state_dict().items()}
     links = sd_keys.safe_links(lambda: sd_keys.unet_links(shapes, config), "UNet")
-    weights = sd_keys.ldm_to_model(links, ldm.get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
+    get = _mapping_getter(ldm, links, ldm.get, dtype, lambda link: map_weights)
+    weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
     _assign_weights(unet, weights, ldm.path, "UNet")
     return unet
 
@@ -309,7 +331,9 @@ def _vae_from_shapes(
     return vae
 
 
-def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype, map_token_embedding: bool = False) -> CLIPTextModel:
+def _text_encoder_from_ldm(
+    ldm: LdmFile, v2: bool, dtype: torch.dtype, map_token_embedding: bool = False, map_weights: bool = False
+) -> CLIPTextModel:
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -320,26 +344,18 @@ def _text_encoder_from_ldm(ldm: LdmFile, v2: bool, dtype: torch.dtype, map_token
     links = sd_keys.safe_links(lambda: sd_keys.text_encoder_links(shapes, v2), "text encoder")
     get = ldm.get
     if not v2 and f"{sd_config.TE_V1_PREFIX}{sd_keys.HF_TEXT_MODEL}embeddings.token_embedding.weight" not in ldm:
-        # old v1 files store the HF CLIP keys without the `text_model.` level
+        # old v1 files store the HF CLIP keys without the `text_model.` level (read, not mapped)
         with_level = sd_config.TE_V1_PREFIX + sd_keys.HF_TEXT_MODEL
 
         def get(key: str) -> torch.Tensor:
             return ldm.get(sd_config.TE_V1_PREFIX + key[len(with_level):] if key.startswith(with_level) else key)
 
-    # the token embedding table (49408 rows: 145 MiB of SD 1.x's 470 MiB text encoder) is only
-    # read a row per token by a run that does not train it: mapped from the file, only the rows
-    # of the captions' tokens become resident. Opt-in, because the mapping is only as aligned as
-    # the file's data offset: arithmetic over the whole table (e.g. transformers' mean-resizing
-    # when tokens are added) may then round differently than on 64-byte-aligned heap memory
-    mapped = {
-        link.ldm_key for link in links
-        if map_token_embedding and link.chunk is None and link.model_key.endswith("token_embedding.weight")
-    }
-    read = get
-
-    def get(key: str) -> torch.Tensor:
-        return ldm.get_mapped(key) if key in mapped and key in ldm else read(key)
-
+    # the token embedding table (49408 rows: 145 MiB of SD 1.x's 470 MiB encoder) is only read a
+    # row per token by a run that does not train it: mapped, only the rows in use become resident
+    get = _mapping_getter(
+        ldm, links, get, dtype,
+        lambda link: map_weights or (map_token_embedding and link.model_key.endswith("token_embedding.weight")),
+    )
     weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
     _assign_weights(text_encoder, weights, ldm.path, "text encoder")
     return text_encoder
@@ -361,6 +377,7 @@ def load_target_model(
     unet_use_linear_projection: bool | None = None,
     use_vae_first: Callable[[AutoencoderKL], None] | None = None,
     map_token_embedding: bool = False,
+    map_frozen_weights: bool = False,
 ) -> StableDiffusionModels:
     """Load an SD 1.x/2.x model from a single file (.safetensors/.ckpt) or a Diffusers folder.
 
@@ -376,8 +393,17 @@ def load_target_model(
 
     `map_token_embedding`: for a `.safetensors` single file, the text encoder's token-embedding
     table becomes a copy-on-write mapping of the file (only the rows a run looks up become
-    resident); for callers that only look rows up (a LoRA run), not for ones that compute over
-    the table (adding tokens).
+    resident; writes go to private pages, never to the file); for callers that only look rows up
+    (a LoRA run), not for ones that compute over the table (adding tokens). Row look-ups are
+    copies, so the results are the same as with the table read.
+
+    `map_frozen_weights`: every U-Net and text-encoder tensor stored whole in `dtype` is mapped
+    that way, so loading copies nothing (seconds less for SD 1.5) and the file's pages are shared
+    with the OS's file cache instead of held twice. For callers that keep both models frozen.
+    Not the default because it changes the low bits of some results: a mapped tensor is only as
+    aligned as its offset in the file, and vector kernels (a matrix times a single row, as the
+    time embedding at batch 1) round differently on it than on the 64-byte-aligned memory tensors
+    are read into. The VAE is always read.
     """
     path = Path(path)
     if not path.exists():
@@ -415,8 +441,8 @@ def load_target_model(
                 first = load_vae(vae, dtype) if vae is not None else read_own_vae()
                 vae_model = _use_then_release(first, use_vae_first, dtype, device)
             try:
-                unet = _unet_from_ldm(ldm, is_v2, dtype, unet_use_linear_projection)
-                text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype, map_token_embedding)
+                unet = _unet_from_ldm(ldm, is_v2, dtype, unet_use_linear_projection, map_frozen_weights)
+                text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype, map_token_embedding, map_frozen_weights)
             except UserError as err:
                 raise _with_path(err, path) from None
             if use_vae_first is None:

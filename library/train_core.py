@@ -334,8 +334,10 @@ class _Runner:
             device=load_device,
             tokenizer_cache_dir=getattr(args, "tokenizer_cache_dir", None),
             use_vae_first=use_vae_first,
-            # a method that only looks token rows up maps the table (model_util.load_target_model)
+            # a method that only looks token rows up maps the table (model_util.load_target_model);
+            # its base stays frozen, so --mmap_frozen_weights may map the rest as well
             map_token_embedding=bool(getattr(method, "maps_token_embedding", False)),
+            map_frozen_weights=bool(getattr(method, "maps_token_embedding", False) and getattr(args, "mmap_frozen_weights", False)),
         )
         if models.v2 and not args.v2:
             logger.info("the model is an SD v2 model: training as v2")
