@@ -325,6 +325,7 @@ class _Runner:
                 _cache_latents(args, vae, self.dataset_group, accelerator, weight_dtype, resume_stage="loading")
                 self.latents_cached = True
 
+        maps_rows = bool(getattr(method, "maps_token_embedding", False))
         models = model_util.load_target_model(
             args.pretrained_model_name_or_path,
             v2=bool(getattr(args, "v2", False)),
@@ -336,8 +337,8 @@ class _Runner:
             use_vae_first=use_vae_first,
             # a method that only looks token rows up maps the table (model_util.load_target_model);
             # its base stays frozen, so --mmap_frozen_weights may map the rest as well
-            map_token_embedding=bool(getattr(method, "maps_token_embedding", False)),
-            map_frozen_weights=bool(getattr(method, "maps_token_embedding", False) and getattr(args, "mmap_frozen_weights", False)),
+            map_token_embedding=maps_rows,
+            map_frozen_weights=maps_rows and bool(getattr(args, "mmap_frozen_weights", False)),
         )
         if models.v2 and not args.v2:
             logger.info("the model is an SD v2 model: training as v2")

@@ -290,8 +290,9 @@ def test_frozen_weights_are_mapped_from_the_file_not_copied(workspace):
     # attention q/k/v are not fused in the file, so that is all of them
     assert all(_mapping_of(t) == file for t in [*unet_params.values(), *te_params.values()])
     assert all(_mapping_of(t) != file for t in models.vae.parameters())  # the VAE is read
+    read_params = dict([*read.unet.named_parameters(), *read.text_encoder.named_parameters()])
     for name, tensor in [*unet_params.items(), *te_params.items()]:  # the same values as the read models
-        assert torch.equal(tensor, dict([*read.unet.named_parameters(), *read.text_encoder.named_parameters()])[name]), name
+        assert torch.equal(tensor, read_params[name]), name
     with model_util.LdmFile(path) as ldm:
         key = f"{sd_config.TE_V1_PREFIX}text_model.embeddings.token_embedding.weight"
         assert torch.equal(embedding, ldm.get(key))
