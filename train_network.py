@@ -54,8 +54,9 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
     tracker_name = "network_train"
     script_name = "train_network.py"
     #: the base model stays frozen: token-embedding rows are only looked up, so the table can be
-    #: mapped from a .safetensors file instead of read, and with --mmap_frozen_weights the whole
-    #: U-Net and text encoder (train_core / model_util.load_target_model)
+    #: mapped from a .safetensors file instead of read, and so can the U-Net and text encoder as far
+    #: as results stay bit-identical (all of them with --mmap_frozen_weights; train_core /
+    #: model_util.load_target_model / weight_mapping)
     maps_token_embedding = True
     #: --network_args that change the network's shape or scale (others, like dropouts and
     #: learning-rate weights, may change when a run is resumed)
@@ -245,8 +246,9 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mmap_frozen_weights", action="store_true",
-        help="map the frozen U-Net and text encoder of a .safetensors single file instead of reading them: "
-        "loading copies nothing and the file's pages are not held twice; changes the low bits of some results",
+        help="map also the U-Net layers that can compute a matrix times a single row (read by default so that "
+        "results match reading the whole model; the rest of a .safetensors single file is mapped anyway): "
+        "slightly faster loading; changes the low bits of some results",
     )
 
 

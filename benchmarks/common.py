@@ -217,14 +217,22 @@ def run_measured(
 
 def proc_status_mib(field_name: str) -> Optional[float]:
     """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB; None where there is none."""
+    return proc_status_fields_mib((field_name,))[field_name]
+
+
+def proc_status_fields_mib(field_names: Sequence[str]) -> dict[str, Optional[float]]:
+    """Several memory fields of one read of /proc/self/status, in MiB (None where missing): the
+    kernel computes them together, so VmHWM >= VmRSS holds between them, not between two reads."""
+    found: dict[str, Optional[float]] = dict.fromkeys(field_names)
     try:
         with open("/proc/self/status", encoding="utf-8") as status:
             for line in status:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) / 1024
+                name = line.split(":", 1)[0]
+                if name in found:
+                    found[name] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return None
+    return found
 
 
 def reset_peak_rss() -> bool:

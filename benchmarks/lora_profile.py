@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import proc_status_mib, reset_peak_rss  # noqa: E402
+from benchmarks.common import proc_status_fields_mib, proc_status_mib, reset_peak_rss  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ LOADING_STEPS = (
 
 def memory_point() -> dict[str, Optional[float]]:
     """RSS (anonymous = heap and tensors; file = mapped libraries and files), peak, MiB."""
-    return {name: proc_status_mib(name) for name in MEMORY_FIELDS}
+    return proc_status_fields_mib(MEMORY_FIELDS)
 
 
 class RssTrace:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import proc_status_mib, reset_peak_rss  # noqa: E402
+from benchmarks.common import proc_status_fields_mib, proc_status_mib, reset_peak_rss  # noqa: E402
 from library import stage_timer, text_encoding, train_core, train_util  # noqa: E402
 
 MIB = 1024 * 1024
@@ -57,7 +57,8 @@ class RssTrace:
         self.points: list[list[Any]] = []
 
     def __call__(self, stage: str) -> None:
-        self.points.append([stage, proc_status_mib("VmRSS"), proc_status_mib("VmHWM")])
+        memory = proc_status_fields_mib(("VmRSS", "VmHWM"))
+        self.points.append([stage, memory["VmRSS"], memory["VmHWM"]])
 
 
 def _tensor_bytes(tensors) -> int:

@@ -494,6 +494,10 @@ class DatasetGroup(torch.utils.data.Dataset):
         """How many batch indices make one optimizer step (token warm-up counts optimizer steps)."""
         self.steps_divisor = max(1, int(num_processes) * int(gradient_accumulation_steps))
 
+    def bucket_resolutions(self) -> set[tuple[int, int]]:
+        """(width, height) of every bucket that holds an image (known once buckets are made)."""
+        return {tuple(info.bucket_reso) for d in self.datasets for info in d.image_data.values() if info.bucket_reso}
+
     def captions_are_fixed(self) -> bool:
         """True when every epoch shows each image with the same caption, so the training core may
         cache text-encoder outputs per caption: no subset shuffles, drops captions (rate or every

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the model classes are imported where models are built: chec
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-from library import sd_config, sd_keys
+from library import sd_config, sd_keys, weight_mapping
 from library.errors import UserError
 from library.io_util import atomic_dir, atomic_path
 from library.safe_unpickle import load_pickle_checkpoint
@@ -292,7 +292,8 @@ def _mapping_getter(
 
 
 def _unet_from_ldm(
-    ldm: LdmFile, v2: bool, dtype: torch.dtype, use_linear_projection: bool | None, map_weights: bool = False
+    ldm: LdmFile, v2: bool, dtype: torch.dtype, use_linear_projection: bool | None, mapping: str = "none",
+    latent_side: int = 1,
 ) -> UNet2DConditionModel:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -304,7 +305,14 @@ def _unet_from_ldm(
         unet = UNet2DConditionModel.from_config(config)
     shapes = {k: v.shape for k, v in unet.state_dict().items()}
     links = sd_keys.safe_links(lambda: sd_keys.unet_links(shapes, config), "UNet")
-    get = _mapping_getter(ldm, links, ldm.get, dtype, lambda link: map_weights)
+    levels = len(config["block_out_channels"])
+
+    def maps(link: sd_keys.KeyLink) -> bool:
+        if mapping == "exact":
+            return weight_mapping.maps_exactly(link.model_key, levels, latent_side)
+        return mapping == "all"
+
+    get = _mapping_getter(ldm, links, ldm.get, dtype, maps)
     weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
     _assign_weights(unet, weights, ldm.path, "UNet")
     return unet
@@ -332,7 +340,7 @@ def _vae_from_shapes(
 
 
 def _text_encoder_from_ldm(
-    ldm: LdmFile, v2: bool, dtype: torch.dtype, map_token_embedding: bool = False, map_weights: bool = False
+    ldm: LdmFile, v2: bool, dtype: torch.dtype, map_token_embedding: bool = False, mapping: str = "none"
 ) -> CLIPTextModel:
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -354,7 +362,8 @@ def _text_encoder_from_ldm(
     # row per token by a run that does not train it: mapped, only the rows in use become resident
     get = _mapping_getter(
         ldm, links, get, dtype,
-        lambda link: map_weights or (map_token_embedding and link.model_key.endswith("token_embedding.weight")),
+        # the encoder sees 77 tokens per sample, never one row: mapping all of it is exact too
+        lambda link: mapping != "none" or (map_token_embedding and link.model_key.endswith("token_embedding.weight")),
     )
     weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
     _assign_weights(text_encoder, weights, ldm.path, "text encoder")
@@ -377,7 +386,8 @@ def load_target_model(
     unet_use_linear_projection: bool | None = None,
     use_vae_first: Callable[[AutoencoderKL], None] | None = None,
     map_token_embedding: bool = False,
-    map_frozen_weights: bool = False,
+    map_frozen_weights: str = "none",
+    smallest_latent_side: int = 1,
 ) -> StableDiffusionModels:
     """Load an SD 1.x/2.x model from a single file (.safetensors/.ckpt) or a Diffusers folder.
 
@@ -397,14 +407,18 @@ def load_target_model(
     (a LoRA run), not for ones that compute over the table (adding tokens). Row look-ups are
     copies, so the results are the same as with the table read.
 
-    `map_frozen_weights`: every U-Net and text-encoder tensor stored whole in `dtype` is mapped
-    that way, so loading copies nothing (seconds less for SD 1.5) and the file's pages are shared
-    with the OS's file cache instead of held twice. For callers that keep both models frozen.
-    Not the default because it changes the low bits of some results: a mapped tensor is only as
-    aligned as its offset in the file, and vector kernels (a matrix times a single row, as the
-    time embedding at batch 1) round differently on it than on the 64-byte-aligned memory tensors
-    are read into. The VAE is always read.
+    `map_frozen_weights` ("none", "exact" or "all"; for callers that keep both models frozen):
+    U-Net and text-encoder tensors stored whole in `dtype` are mapped that way too, so loading
+    does not copy them (seconds less for SD 1.5) and the file's pages are shared with the OS's file
+    cache instead of held twice. A mapped tensor is only as aligned as its offset in the file,
+    and vector kernels (a matrix times a single row, as the time embedding at batch 1) round
+    differently on it than on the 64-byte-aligned memory tensors are read into. "exact" therefore
+    reads the U-Net layers that can compute such products when no batch is smaller than one image
+    of longer latent side `smallest_latent_side` (`weight_mapping.maps_exactly`) and gives
+    bit-identical results; "all" maps those as well (low bits differ). The VAE is always read.
     """
+    if map_frozen_weights not in weight_mapping.MAPPINGS:
+        raise ValueError(f"map_frozen_weights must be one of {weight_mapping.MAPPINGS}, not {map_frozen_weights!r}")
     path = Path(path)
     if not path.exists():
         raise UserError(
@@ -441,7 +455,9 @@ def load_target_model(
                 first = load_vae(vae, dtype) if vae is not None else read_own_vae()
                 vae_model = _use_then_release(first, use_vae_first, dtype, device)
             try:
-                unet = _unet_from_ldm(ldm, is_v2, dtype, unet_use_linear_projection, map_frozen_weights)
+                unet = _unet_from_ldm(
+                    ldm, is_v2, dtype, unet_use_linear_projection, map_frozen_weights, smallest_latent_side
+                )
                 text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype, map_token_embedding, map_frozen_weights)
             except UserError as err:
                 raise _with_path(err, path) from None

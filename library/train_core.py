@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from library import nonfinite, preflight, resume_util, stage_timer, train_saving, train_util
+from library import nonfinite, preflight, resume_util, stage_timer, train_saving, train_util, weight_mapping
 from library.caption_states import TextEmbeddingCache, captions_ahead, text_encode_fn  # noqa: F401 - re-exported
 from library.errors import UserError
 # the script-facing contract lives in train_method; re-exported (train_core.TrainingMethod, ...)
@@ -326,6 +326,8 @@ class _Runner:
                 self.latents_cached = True
 
         maps_rows = bool(getattr(method, "maps_token_embedding", False))
+        mapping = ("all" if getattr(args, "mmap_frozen_weights", False) else "exact") if maps_rows else "none"
+        sizes = [*self.dataset_group.bucket_resolutions(), *((p.width, p.height) for p in self.sample_prompts)]
         models = model_util.load_target_model(
             args.pretrained_model_name_or_path,
             v2=bool(getattr(args, "v2", False)),
@@ -336,9 +338,11 @@ class _Runner:
             tokenizer_cache_dir=getattr(args, "tokenizer_cache_dir", None),
             use_vae_first=use_vae_first,
             # a method that only looks token rows up maps the table (model_util.load_target_model);
-            # its base stays frozen, so --mmap_frozen_weights may map the rest as well
+            # its base stays frozen, so the rest is mapped as far as results stay bit-identical,
+            # and with --mmap_frozen_weights all of it
             map_token_embedding=maps_rows,
-            map_frozen_weights=maps_rows and bool(getattr(args, "mmap_frozen_weights", False)),
+            map_frozen_weights=mapping,
+            smallest_latent_side=weight_mapping.smallest_latent_side(sizes),
         )
         if models.v2 and not args.v2:
             logger.info("the model is an SD v2 model: training as v2")

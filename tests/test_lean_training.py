@@ -282,7 +282,7 @@ def test_frozen_weights_are_mapped_from_the_file_not_copied(workspace):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     read = model_util.load_target_model(path, map_token_embedding=True)
     assert all(_mapping_of(t) != file for t in read.unet.parameters())  # opt-in
-    models = model_util.load_target_model(path, map_frozen_weights=True)  # the file is closed when this returns
+    models = model_util.load_target_model(path, map_frozen_weights="all")  # the file is closed when this returns
     embedding = models.text_encoder.get_input_embeddings().weight
     unet_params = dict(models.unet.named_parameters())
     te_params = dict(models.text_encoder.named_parameters())
@@ -301,7 +301,7 @@ def test_frozen_weights_are_mapped_from_the_file_not_copied(workspace):
         models.unet.conv_in.weight.mul_(2.0)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     # a tensor that must be cast is read, not mapped: the mapping would keep the source pages resident
-    half = model_util.load_target_model(path, dtype=torch.float16, map_frozen_weights=True)
+    half = model_util.load_target_model(path, dtype=torch.float16, map_frozen_weights="all")
     assert all(_mapping_of(t) != file for t in [*half.unet.parameters(), *half.text_encoder.parameters()])
 
 
@@ -311,12 +311,16 @@ def test_mmap_frozen_weights_trains_the_same_lora_to_rounding(workspace, tmp_pat
         seen = {}
 
         def at_start(ctx):
-            seen["mapped"] = _mapping_of(ctx.models.unet.conv_in.weight)
+            # a vector-product layer: read by default (weight_mapping), mapped by the flag
+            seen["mapped"] = _mapping_of(ctx.models.unet.time_embedding.linear_1.weight)
 
         def at_end(ctx):
             seen["network"] = th.network_state(ctx)
 
-        argv = th.base_argv(workspace["model"], workspace["img"], out, "--max_train_steps", "3", "--cache_latents", *extra)
+        # SGD: a step is proportional to its gradient (AdamW scales a near-zero, noise-level
+        # gradient up to ~lr, so such elements differ at that scale)
+        argv = th.base_argv(workspace["model"], workspace["img"], out, "--max_train_steps", "3", "--cache_latents",
+                            "--optimizer_type", "SGDNesterov", "--learning_rate", "0.1", *extra)
         return th.run_train(argv, train_core.TrainHooks(on_train_start=at_start, on_train_end=at_end)), seen
 
     mapped, mapped_seen = run(tmp_path / "mapped", "--mmap_frozen_weights")
@@ -325,12 +329,12 @@ def test_mmap_frozen_weights_trains_the_same_lora_to_rounding(workspace, tmp_pat
     assert mapped_seen["mapped"] == file != read_seen["mapped"]
     # the same training up to float rounding (vector kernels read the mapped weights unaligned)
     assert mapped.step_losses == pytest.approx(read.step_losses, rel=1e-4)
-    # AdamW (lr 1e-3) moves a weight by up to ~lr a step whatever its gradient's size, so rounding
-    # in a near-zero gradient shows in single elements at that scale (the mid-block self-attention
-    # at 1x1 latents has a zero query gradient, which is noise even between two read runs); the
-    # learnt up weights as a whole agree within 2 %
     learnt = sorted(k for k in read_seen["network"] if "lora_up" in k)
     mapped_up = torch.cat([mapped_seen["network"][k].flatten() for k in learnt])
     read_up = torch.cat([read_seen["network"][k].flatten() for k in learnt])
-    assert torch.linalg.norm(mapped_up - read_up) <= 0.02 * torch.linalg.norm(read_up)
+    assert torch.linalg.norm(read_up) > 0  # the up weights did learn
+    # three steps amplify the rounding unevenly with the data (the image keys seed the latents:
+    # 1e-5 to 4e-2 relative measured over tmp paths), so the weights get a loose bound; the exact
+    # default mapping is compared bit for bit in test_weight_mapping.py
+    assert torch.linalg.norm(mapped_up - read_up) <= 0.1 * torch.linalg.norm(read_up)
     assert (tmp_path / "mapped" / "lora.safetensors").is_file()
