@@ -21,7 +21,7 @@ import torch
 
 from library import sd_config, sd_keys
 from library.errors import UserError
-from library.model_util import _OLD_DIFFUSERS_VAE_ATTN, LdmFile, SafetensorsReader
+from library.model_util import OLD_DIFFUSERS_VAE_ATTN, LdmFile, SafetensorsReader
 from library.safe_unpickle import load_pickle_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def _vae_key_aliases(keys: list[str]) -> dict[str, str]:
     out = {}
     for key in keys:
         modern = key
-        for old, new in _OLD_DIFFUSERS_VAE_ATTN.items():
+        for old, new in OLD_DIFFUSERS_VAE_ATTN.items():
             modern = modern.replace(old, new)
         out[modern] = key
     return out

@@ -32,7 +32,7 @@ from library import sd_config, sd_keys
 from library.control_hint import get_preprocessor, prepare_hint
 from library.errors import UserError
 from library.io_util import atomic_dir, atomic_path
-from library.model_util import LdmFile, _assign_weights, _finish, _with_path
+from library.model_util import LdmFile, assign_weights, finish_model, error_with_path
 
 if TYPE_CHECKING:  # diffusers is imported when a ControlNet is built: the generator's checks run first
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -133,7 +133,7 @@ def load_control_net(
     if not path.exists():
         raise UserError(f"{path}: ControlNet not found")
     if path.is_dir():
-        return _finish(_load_folder(path, dtype), dtype, device)
+        return finish_model(_load_folder(path, dtype), dtype, device)
     with LdmFile(path) as ldm:
         try:
             if f"{CONTROL_PREFIX}input_blocks.0.0.weight" in ldm:
@@ -143,9 +143,9 @@ def load_control_net(
             else:
                 raise UserError("not a ControlNet (neither 'control_model.*' nor 'controlnet_cond_embedding.*' keys)")
         except UserError as err:
-            raise _with_path(err, path) from None
+            raise error_with_path(err, path) from None
     logger.info("ControlNet loaded from %s", path)
-    return _finish(model, dtype, device)
+    return finish_model(model, dtype, device)
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> ControlNetModel:
@@ -175,7 +175,7 @@ def _build(
     missing = [link.ldm_key for link in links if link.ldm_key not in shapes]
     if missing:
         raise UserError(f"ControlNet key '{missing[0]}' is missing ({len(missing)} keys in all)")
-    _assign_weights(model, sd_keys.ldm_to_model(links, get, model_shapes, str(source), dtype, copy=copy), source, "ControlNet")
+    assign_weights(model, sd_keys.ldm_to_model(links, get, model_shapes, str(source), dtype, copy=copy), source, "ControlNet")
     return model
 
 

@@ -210,7 +210,9 @@ class LdmFile:
         self.close()
 
 
-def _assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path, what: str) -> None:
+def assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path, what: str) -> None:
+    """Put converted tensors into an empty (meta-device) model as its own storage; UserError
+    naming `source` when keys are missing or left over."""
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     missing = [k for k in missing if not sd_keys.is_position_ids(k)]
     if missing or unexpected:
@@ -220,7 +222,8 @@ def _assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         raise UserError(f"{source}: {what} weights do not cover {leftover[:3]}")
 
 
-def _finish(model: torch.nn.Module, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
+def finish_model(model: torch.nn.Module, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
+    """The loaded model in `dtype` on `device` (moved only where needed), in eval mode."""
     tensors = [*model.parameters(), *model.buffers()]
     if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
         model.to(dtype=dtype)
@@ -258,14 +261,15 @@ def return_freed_memory() -> None:
 def _use_then_release(
     vae: AutoencoderKL, use: Callable[[AutoencoderKL], None], dtype: torch.dtype, device: str | torch.device
 ) -> AutoencoderKL:
-    vae = _finish(vae, dtype, device)
+    vae = finish_model(vae, dtype, device)
     use(vae)
     release_weights(vae)
     return_freed_memory()  # before the U-Net and text encoder allocate theirs
     return vae
 
 
-def _with_path(err: UserError, path: Path) -> UserError:
+def error_with_path(err: UserError, path: Path) -> UserError:
+    """`err`, its message prefixed with `path` unless it already names it."""
     message = str(err)
     return err if str(path) in message else UserError(f"{path}: {message}")
 
@@ -314,7 +318,7 @@ def _unet_from_ldm(
 
     get = _mapping_getter(ldm, links, ldm.get, dtype, maps)
     weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
-    _assign_weights(unet, weights, ldm.path, "UNet")
+    assign_weights(unet, weights, ldm.path, "UNet")
     return unet
 
 
@@ -335,7 +339,7 @@ def _vae_from_shapes(
     shapes = {k: v.shape for k, v in vae.state_dict().items()}
     num_levels = len(config["block_out_channels"])
     links = sd_keys.safe_links(lambda: sd_keys.vae_links(shapes, num_levels, prefix), "VAE")
-    _assign_weights(vae, sd_keys.ldm_to_model(links, get, shapes, str(source), dtype, copy=copy), source, "VAE")
+    assign_weights(vae, sd_keys.ldm_to_model(links, get, shapes, str(source), dtype, copy=copy), source, "VAE")
     return vae
 
 
@@ -366,7 +370,7 @@ def _text_encoder_from_ldm(
         lambda link: mapping != "none" or (map_token_embedding and link.model_key.endswith("token_embedding.weight")),
     )
     weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
-    _assign_weights(text_encoder, weights, ldm.path, "text encoder")
+    assign_weights(text_encoder, weights, ldm.path, "text encoder")
     return text_encoder
 
 
@@ -449,7 +453,7 @@ def load_target_model(
                 try:
                     return _vae_from_shapes(ldm.shapes, ldm.get, sd_config.VAE_PREFIX, path, dtype, copy=ldm.mapped)
                 except UserError as err:
-                    raise _with_path(err, path) from None
+                    raise error_with_path(err, path) from None
 
             if use_vae_first is not None:
                 first = load_vae(vae, dtype) if vae is not None else read_own_vae()
@@ -460,7 +464,7 @@ def load_target_model(
                 )
                 text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype, map_token_embedding, map_frozen_weights)
             except UserError as err:
-                raise _with_path(err, path) from None
+                raise error_with_path(err, path) from None
             if use_vae_first is None:
                 vae_model = None if vae is not None else read_own_vae()
             ldm_metadata = _ckpt_counters(ldm.extras)
@@ -472,9 +476,9 @@ def load_target_model(
         vae_model = load_vae(vae, dtype)
     tokenizer = load_tokenizer(is_v2, tokenizer_cache_dir)
     return StableDiffusionModels(
-        text_encoder=_finish(text_encoder, dtype, device),
-        vae=vae_model if use_vae_first is not None else _finish(vae_model, dtype, device),
-        unet=_finish(unet, dtype, device),
+        text_encoder=finish_model(text_encoder, dtype, device),
+        vae=vae_model if use_vae_first is not None else finish_model(vae_model, dtype, device),
+        unet=finish_model(unet, dtype, device),
         tokenizer=tokenizer,
         v2=is_v2,
         v_parameterization=v_parameterization,
@@ -507,7 +511,8 @@ def _load_diffusers_folder(
     return unet, vae, text_encoder
 
 
-_OLD_DIFFUSERS_VAE_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+# old Diffusers VAE files name the mid-block attention's layers these ways
+OLD_DIFFUSERS_VAE_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
@@ -539,8 +544,8 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> Autoencode
             else:
                 raise UserError(f"{path}: not a Stable Diffusion VAE (no 'encoder.conv_in' weights found)")
         except UserError as err:
-            raise _with_path(err, path) from None
-    return _finish(vae, dtype, "cpu")
+            raise error_with_path(err, path) from None
+    return finish_model(vae, dtype, "cpu")
 
 
 def _vae_from_diffusers_layout(ldm: LdmFile, dtype: torch.dtype) -> AutoencoderKL:
@@ -549,7 +554,7 @@ def _vae_from_diffusers_layout(ldm: LdmFile, dtype: torch.dtype) -> AutoencoderK
     to_source: dict[str, str] = {}
     for key in ldm.keys():
         modern = key
-        for old, new in _OLD_DIFFUSERS_VAE_ATTN.items():
+        for old, new in OLD_DIFFUSERS_VAE_ATTN.items():
             modern = modern.replace(old, new)
         try:
             to_source[sd_keys.vae_key_to_ldm(modern, num_levels)] = key

@@ -154,7 +154,7 @@ def test_lora_profile_quick_reports_stages_parts_and_floor(tmp_path):
     assert len(table) > 5 and any(row["op"].startswith("aten::") for row in table[1:])
     points = [point["point"] for point in report["rss_trace"]]
     for name in ("after _use_then_release", "after _unet_from_ldm", "after _text_encoder_from_ldm",
-                 "after _assign_weights(UNet)", "network built and applied", "step 4 done", "training done"):
+                 "after assign_weights(UNet)", "network built and applied", "step 4 done", "training done"):
         assert name in points, name
     assert points.index("after _use_then_release") < points.index("before _unet_from_ldm")  # the VAE goes first
     assert all(point["RssAnon"] > 0 and point["VmHWM"] >= point["VmRSS"] > 0 for point in report["rss_trace"])

@@ -369,7 +369,7 @@ def test_models_are_built_empty_and_weights_assigned(monkeypatch, tiny_model_fil
     from library import model_util
 
     seen = []
-    original = model_util._assign_weights
+    original = model_util.assign_weights
 
     def recording(model, state_dict, source, what):
         seen.append((what, all(p.is_meta for p in model.parameters())))
@@ -378,7 +378,7 @@ def test_models_are_built_empty_and_weights_assigned(monkeypatch, tiny_model_fil
         params = dict(model.named_parameters())
         assert all(params[k] is not None and params[k].data_ptr() == v.data_ptr() for k, v in state_dict.items() if k in params)
 
-    monkeypatch.setattr(model_util, "_assign_weights", recording)
+    monkeypatch.setattr(model_util, "assign_weights", recording)
     model_util.load_target_model(tiny_model_files_v2["ckpt"])
     assert sorted(seen) == [("UNet", True), ("VAE", True), ("text encoder", True)]
 
