@@ -413,6 +413,7 @@ class _Runner:
             ctx.global_step, self.start_epoch, self.start_batch = train_saving.resume_position(
                 state, accelerator.num_processes, ctx.num_batches_per_epoch
             )
+            self.guard.skipped = int(state.get("skipped_nonfinite_steps", 0) or 0)  # older states: 0
         if isinstance(self.encode_text, TextEmbeddingCache):
             self._fill_text_cache()
 
@@ -666,7 +667,7 @@ class _Runner:
             epoch, micro_in_epoch = epoch + 1, 0
         train_state = train_saving.train_state_dict(
             ctx.global_step, epoch, micro_in_epoch, ctx.accelerator.num_processes, self.args.seed, ctx.max_train_steps,
-            run=self.fingerprint,
+            run=self.fingerprint, skipped_nonfinite_steps=self.guard.skipped,
         )
         train_saving.save_train_state(ctx.accelerator, state_dir, train_state)
 

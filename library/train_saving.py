@@ -201,11 +201,12 @@ def read_resume_json(state_dir: Optional[str | Path]) -> dict[str, Any]:
 
 def train_state_dict(
     global_step: int, epoch: int, micro_batches_done: int, num_processes: int, seed: int, max_train_steps: int,
-    run: Optional[dict[str, Any]] = None,
+    run: Optional[dict[str, Any]] = None, skipped_nonfinite_steps: int = 0,
 ) -> dict[str, Any]:
     """Content of `train_state.json`: where the run stands (0-based epoch, batches of that epoch
-    already trained by all processes together) and, as `run`, the fingerprint of the run
-    (`resume_util.run_fingerprint`) that `--resume` checks."""
+    already trained by all processes together), as `run` the fingerprint of the run
+    (`resume_util.run_fingerprint`) that `--resume` checks, and how many steps
+    `--skip_nonfinite_steps` has skipped so far (the limit counts over the resumed run too)."""
     state: dict[str, Any] = {
         "global_step": global_step,
         "epoch": epoch,
@@ -216,6 +217,7 @@ def train_state_dict(
         # the names newer sd-scripts write
         "current_step": global_step,
         "current_epoch": epoch,
+        "skipped_nonfinite_steps": skipped_nonfinite_steps,
     }
     if run is not None:
         state[FINGERPRINT_KEY] = run

@@ -118,3 +118,15 @@ def test_no_half_vae_keeps_the_vae_in_float32(tiny_run, extra, vae_dtype):
                           train_core.TrainHooks(on_train_start=capture))
     assert seen == {"vae": vae_dtype, "unet": torch.bfloat16}
     assert math.isfinite(result.step_losses[0])
+
+
+def test_skipped_count_is_kept_across_resume(tmp_path, tiny_run, nan_on_calls):
+    import json
+
+    nan_on_calls({2})
+    th.run_train(tiny_run("first", "--skip_nonfinite_steps", "1", "--max_train_steps", "2", "--save_state"))
+    state = tmp_path / "first" / "lora-state"
+    assert json.loads((state / "train_state.json").read_text(encoding="utf-8"))["skipped_nonfinite_steps"] == 1
+    nan_on_calls({1})  # the resumed run's first step (step 3): the one allowed skip is used up
+    with pytest.raises(UserError, match=r"loss became nan at step 3 after 1 skipped step\(s\)"):
+        th.run_train(tiny_run("second", "--skip_nonfinite_steps", "1", "--max_train_steps", "4", "--resume", str(state)))
