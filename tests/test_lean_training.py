@@ -211,19 +211,6 @@ def test_unet_only_text_encoder_outputs_are_cached_before_the_loop(workspace, tm
     assert all(torch.equal(ahead_seen["network"][k], lazy_seen["network"][k]) for k in lazy_seen["network"])
 
 
-def _mapping_of(tensor: torch.Tensor) -> str:
-    """The file behind the memory of `tensor` ("" for anonymous memory), from /proc/self/maps."""
-    from pathlib import Path
-
-    address = tensor.untyped_storage().data_ptr()
-    for line in Path("/proc/self/maps").read_text(encoding="utf-8").splitlines():
-        fields = line.split(maxsplit=5)
-        low, high = (int(x, 16) for x in fields[0].split("-"))
-        if low <= address < high:
-            return fields[5].strip() if len(fields) > 5 else ""
-    return ""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_token_embedding_is_mapped_from_the_file_not_copied(workspace):
     import hashlib
@@ -232,13 +219,13 @@ def test_token_embedding_is_mapped_from_the_file_not_copied(workspace):
 
     path = workspace["model"]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert _mapping_of(model_util.load_target_model(path).text_encoder.get_input_embeddings().weight) != str(path.resolve())  # opt-in
+    assert th.mapping_of(model_util.load_target_model(path).text_encoder.get_input_embeddings().weight) != str(path.resolve())  # opt-in
     models = model_util.load_target_model(path, map_token_embedding=True)  # the file is closed when this returns
     embedding = models.text_encoder.get_input_embeddings().weight
-    assert _mapping_of(embedding) == str(path.resolve())
-    assert _mapping_of(models.unet.conv_in.weight) != str(path.resolve())  # the rest is read into memory
+    assert th.mapping_of(embedding) == str(path.resolve())
+    assert th.mapping_of(models.unet.conv_in.weight) != str(path.resolve())  # the rest is read into memory
     others = [t for n, t in models.text_encoder.named_parameters() if "token_embedding" not in n]
-    assert others and all(_mapping_of(t) != str(path.resolve()) for t in others)
+    assert others and all(th.mapping_of(t) != str(path.resolve()) for t in others)
     with model_util.LdmFile(path) as ldm:
         key = f"{sd_config.TE_V1_PREFIX}text_model.embeddings.token_embedding.weight"
         assert torch.equal(embedding, ldm.get(key))
@@ -255,7 +242,7 @@ def test_lora_run_maps_the_token_embedding_and_trains_identically(workspace, tmp
         seen = {}
 
         def at_start(ctx):
-            seen["mapped"] = _mapping_of(ctx.models.text_encoder.get_input_embeddings().weight)
+            seen["mapped"] = th.mapping_of(ctx.models.text_encoder.get_input_embeddings().weight)
 
         def at_end(ctx):
             seen["network"] = th.network_state(ctx)
@@ -281,15 +268,15 @@ def test_frozen_weights_are_mapped_from_the_file_not_copied(workspace):
     file = str(path.resolve())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     read = model_util.load_target_model(path, map_token_embedding=True)
-    assert all(_mapping_of(t) != file for t in read.unet.parameters())  # opt-in
+    assert all(th.mapping_of(t) != file for t in read.unet.parameters())  # opt-in
     models = model_util.load_target_model(path, map_frozen_weights="all")  # the file is closed when this returns
     embedding = models.text_encoder.get_input_embeddings().weight
     unet_params = dict(models.unet.named_parameters())
     te_params = dict(models.text_encoder.named_parameters())
     # every U-Net / text-encoder tensor stored whole is a view of the file; the tiny model's
     # attention q/k/v are not fused in the file, so that is all of them
-    assert all(_mapping_of(t) == file for t in [*unet_params.values(), *te_params.values()])
-    assert all(_mapping_of(t) != file for t in models.vae.parameters())  # the VAE is read
+    assert all(th.mapping_of(t) == file for t in [*unet_params.values(), *te_params.values()])
+    assert all(th.mapping_of(t) != file for t in models.vae.parameters())  # the VAE is read
     read_params = dict([*read.unet.named_parameters(), *read.text_encoder.named_parameters()])
     for name, tensor in [*unet_params.items(), *te_params.items()]:  # the same values as the read models
         assert torch.equal(tensor, read_params[name]), name
@@ -302,7 +289,7 @@ def test_frozen_weights_are_mapped_from_the_file_not_copied(workspace):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     # a tensor that must be cast is read, not mapped: the mapping would keep the source pages resident
     half = model_util.load_target_model(path, dtype=torch.float16, map_frozen_weights="all")
-    assert all(_mapping_of(t) != file for t in [*half.unet.parameters(), *half.text_encoder.parameters()])
+    assert all(th.mapping_of(t) != file for t in [*half.unet.parameters(), *half.text_encoder.parameters()])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
@@ -312,7 +299,7 @@ def test_mmap_frozen_weights_trains_the_same_lora_to_rounding(workspace, tmp_pat
 
         def at_start(ctx):
             # a vector-product layer: read by default (weight_mapping), mapped by the flag
-            seen["mapped"] = _mapping_of(ctx.models.unet.time_embedding.linear_1.weight)
+            seen["mapped"] = th.mapping_of(ctx.models.unet.time_embedding.linear_1.weight)
 
         def at_end(ctx):
             seen["network"] = th.network_state(ctx)

@@ -95,19 +95,6 @@ def misaligned(tmp_path_factory):
     return {"model": path, "img": th.make_image_folder(root, count=2, repeats=1)}
 
 
-def _mapping_of(tensor: torch.Tensor) -> str:
-    """The file behind the memory of `tensor` ("" for anonymous memory), from /proc/self/maps."""
-    from pathlib import Path
-
-    address = tensor.untyped_storage().data_ptr()
-    for line in Path("/proc/self/maps").read_text(encoding="utf-8").splitlines():
-        fields = line.split(maxsplit=5)
-        low, high = (int(x, 16) for x in fields[0].split("-"))
-        if low <= address < high:
-            return fields[5].strip() if len(fields) > 5 else ""
-    return ""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_exact_mapping_maps_all_but_the_vector_layers(misaligned):
     path = misaligned["model"]
@@ -116,13 +103,13 @@ def test_exact_mapping_maps_all_but_the_vector_layers(misaligned):
     read = model_util.load_target_model(path)
     read_params = dict(read.unet.named_parameters())
     for name, tensor in models.unet.named_parameters():
-        assert (_mapping_of(tensor) == file) == weight_mapping.maps_exactly(name, LEVELS, 8), name
+        assert (th.mapping_of(tensor) == file) == weight_mapping.maps_exactly(name, LEVELS, 8), name
         assert torch.equal(tensor, read_params[name]), name
-    assert all(_mapping_of(t) == file for t in models.text_encoder.parameters())  # 77 tokens: all mapped
-    assert all(_mapping_of(t) != file for t in models.vae.parameters())
-    assert _mapping_of(models.unet.time_embedding.linear_1.weight) != file
-    assert _mapping_of(models.unet.mid_block.attentions[0].proj_in.weight) != file
-    assert _mapping_of(models.unet.down_blocks[0].attentions[0].proj_in.weight) == file
+    assert all(th.mapping_of(t) == file for t in models.text_encoder.parameters())  # 77 tokens: all mapped
+    assert all(th.mapping_of(t) != file for t in models.vae.parameters())
+    assert th.mapping_of(models.unet.time_embedding.linear_1.weight) != file
+    assert th.mapping_of(models.unet.mid_block.attentions[0].proj_in.weight) != file
+    assert th.mapping_of(models.unet.down_blocks[0].attentions[0].proj_in.weight) == file
 
 
 def test_default_lora_run_trains_bit_identically_to_reading_every_weight(misaligned, tmp_path, monkeypatch):

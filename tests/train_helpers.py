@@ -127,3 +127,14 @@ if __name__ == "__main__":
 
     setup_logging()
     _ddp_main(sys.argv[1], sys.argv[2:])
+
+
+def mapping_of(tensor: Any) -> str:
+    """The file behind the memory of `tensor` ("" for anonymous memory), from /proc/self/maps (Linux)."""
+    address = tensor.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text(encoding="utf-8").splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5].strip() if len(fields) > 5 else ""
+    return ""
