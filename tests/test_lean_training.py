@@ -306,7 +306,7 @@ def test_mmap_frozen_weights_trains_the_same_lora_to_rounding(workspace, tmp_pat
 
         # one SGD step: the learnt weights are proportional to the gradient (AdamW scales a
         # near-zero, noise-level gradient up to ~lr, and more steps amplify the rounding unevenly
-        # with the data: 1e-5 to 4e-2 relative after three steps, over tmp paths)
+        # with the data: up to 12 % relative after three steps, over tmp paths)
         argv = th.base_argv(workspace["model"], workspace["img"], out, "--max_train_steps", "1", "--cache_latents",
                             "--optimizer_type", "SGDNesterov", "--learning_rate", "0.1", *extra)
         return th.run_train(argv, train_core.TrainHooks(on_train_start=at_start, on_train_end=at_end)), seen
