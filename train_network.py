@@ -113,6 +113,11 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
     def model_load_dtype(self, args: argparse.Namespace, weight_dtype: torch.dtype) -> torch.dtype:
         return weight_dtype  # the base model is frozen: no fp32 copy needed
 
+    def fp8_models(self, args: argparse.Namespace) -> tuple[str, ...]:
+        if getattr(args, "fp8_base_unet", False):  # sd-scripts: the text encoder stays in fp16 / bf16
+            return ("unet",)
+        return ("unet", "text_encoder") if getattr(args, "fp8_base", False) else ()
+
     def prepare_dataset(self, args: argparse.Namespace, dataset_group: Any) -> None:
         # the metadata's ss_new_sd_model_hash reads the whole model file: hash it in the
         # background while the model loads, instead of at the first save (seconds on a 4 GB file)
@@ -243,6 +248,16 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dim_from_weights", action="store_true",
         help="take each module's rank from the --network_weights file",
+    )
+    parser.add_argument(
+        "--fp8_base", action="store_true",
+        help="store the frozen U-Net's and text encoder's Linear / Conv2d weights in fp8 (e4m3): a quarter of "
+        "fp32's memory; each layer computes in the mixed-precision dtype (fp32 with --mixed_precision no). "
+        "Changes the results; on CPU steps get slower (the weights are cast every step)",
+    )
+    parser.add_argument(
+        "--fp8_base_unet", action="store_true",
+        help="as --fp8_base for the U-Net only; the text encoder stays in the mixed-precision dtype",
     )
     parser.add_argument(
         "--mmap_frozen_weights", action="store_true",

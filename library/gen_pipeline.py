@@ -73,7 +73,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
+    """The dtype a model computes in (weights stored in fp8 by `--fp8_base` compute in this one)."""
+    from library import fp8_layers
+
+    return fp8_layers.compute_dtype(model)
 
 
 def latent_scale_factor(vae) -> int:

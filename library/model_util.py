@@ -16,7 +16,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the model classes are imported where models are built: chec
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-from library import sd_config, sd_keys, weight_mapping
+from library import fp8_layers, sd_config, sd_keys, weight_mapping
 from library.errors import UserError
 from library.io_util import atomic_dir, atomic_path
 from library.safe_unpickle import load_pickle_checkpoint
@@ -225,8 +225,11 @@ def assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], 
 def finish_model(model: torch.nn.Module, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
     """The loaded model in `dtype` on `device` (moved only where needed), in eval mode."""
     tensors = [*model.parameters(), *model.buffers()]
-    if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
-        model.to(dtype=dtype)
+    if any(t.is_floating_point() and t.dtype != dtype and not fp8_layers.is_fp8(t) for t in tensors):
+        if any(fp8_layers.is_fp8(t) for t in tensors):
+            fp8_layers.cast_model(model, dtype)  # model.to(dtype) would cast the fp8 weights too
+        else:
+            model.to(dtype=dtype)
     if any(t.device != torch.device(device) for t in tensors):
         model.to(device=device)
     model.eval()
@@ -295,9 +298,14 @@ def _mapping_getter(
     return get
 
 
+def _fp8_key_dtypes(model: torch.nn.Module, fp8: bool) -> dict[str, torch.dtype]:
+    """Model keys read straight into fp8 (`fp8_layers`): cast one by one as they are read."""
+    return dict.fromkeys(fp8_layers.layer_weight_keys(model), fp8_layers.FP8_DTYPE) if fp8 else {}
+
+
 def _unet_from_ldm(
     ldm: LdmFile, v2: bool, dtype: torch.dtype, use_linear_projection: bool | None, mapping: str = "none",
-    latent_side: int = 1,
+    latent_side: int = 1, fp8: bool = False,
 ) -> UNet2DConditionModel:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -310,14 +318,17 @@ def _unet_from_ldm(
     shapes = {k: v.shape for k, v in unet.state_dict().items()}
     links = sd_keys.safe_links(lambda: sd_keys.unet_links(shapes, config), "UNet")
     levels = len(config["block_out_channels"])
+    key_dtypes = _fp8_key_dtypes(unet, fp8)
 
     def maps(link: sd_keys.KeyLink) -> bool:
+        if link.model_key in key_dtypes:
+            return False  # cast to fp8: read, or its source pages would stay resident beside it
         if mapping == "exact":
             return weight_mapping.maps_exactly(link.model_key, levels, latent_side)
         return mapping == "all"
 
     get = _mapping_getter(ldm, links, ldm.get, dtype, maps)
-    weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
+    weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped, key_dtypes=key_dtypes)
     assign_weights(unet, weights, ldm.path, "UNet")
     return unet
 
@@ -344,7 +355,8 @@ def _vae_from_shapes(
 
 
 def _text_encoder_from_ldm(
-    ldm: LdmFile, v2: bool, dtype: torch.dtype, map_token_embedding: bool = False, mapping: str = "none"
+    ldm: LdmFile, v2: bool, dtype: torch.dtype, map_token_embedding: bool = False, mapping: str = "none",
+    fp8: bool = False,
 ) -> CLIPTextModel:
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -364,12 +376,15 @@ def _text_encoder_from_ldm(
 
     # the token embedding table (49408 rows: 145 MiB of SD 1.x's 470 MiB encoder) is only read a
     # row per token by a run that does not train it: mapped, only the rows in use become resident
+    key_dtypes = _fp8_key_dtypes(text_encoder, fp8)
     get = _mapping_getter(
         ldm, links, get, dtype,
         # the encoder sees 77 tokens per sample, never one row: mapping all of it is exact too
-        lambda link: mapping != "none" or (map_token_embedding and link.model_key.endswith("token_embedding.weight")),
+        lambda link: link.model_key not in key_dtypes and (
+            mapping != "none" or (map_token_embedding and link.model_key.endswith("token_embedding.weight"))
+        ),
     )
-    weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped)
+    weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped, key_dtypes=key_dtypes)
     assign_weights(text_encoder, weights, ldm.path, "text encoder")
     return text_encoder
 
@@ -392,6 +407,7 @@ def load_target_model(
     map_token_embedding: bool = False,
     map_frozen_weights: str = "none",
     smallest_latent_side: int = 1,
+    fp8_models: Collection[str] = (),
 ) -> StableDiffusionModels:
     """Load an SD 1.x/2.x model from a single file (.safetensors/.ckpt) or a Diffusers folder.
 
@@ -420,7 +436,13 @@ def load_target_model(
     reads the U-Net layers that can compute such products when no batch is smaller than one image
     of longer latent side `smallest_latent_side` (`weight_mapping.maps_exactly`) and gives
     bit-identical results; "all" maps those as well (low bits differ). The VAE is always read.
+
+    `fp8_models` ("unet", "text_encoder"; for frozen models only): those models' Linear / Conv2d
+    weights are stored in fp8 and their layers compute through `fp8_layers` (`--fp8_base`). From a
+    single file each weight is cast as it is read; a Diffusers folder loads in `dtype` first.
     """
+    if set(fp8_models) - {"unet", "text_encoder"}:
+        raise ValueError(f"fp8_models may name 'unet' and 'text_encoder', not {sorted(fp8_models)}")
     if map_frozen_weights not in weight_mapping.MAPPINGS:
         raise ValueError(f"map_frozen_weights must be one of {weight_mapping.MAPPINGS}, not {map_frozen_weights!r}")
     path = Path(path)
@@ -460,9 +482,12 @@ def load_target_model(
                 vae_model = _use_then_release(first, use_vae_first, dtype, device)
             try:
                 unet = _unet_from_ldm(
-                    ldm, is_v2, dtype, unet_use_linear_projection, map_frozen_weights, smallest_latent_side
+                    ldm, is_v2, dtype, unet_use_linear_projection, map_frozen_weights, smallest_latent_side,
+                    fp8="unet" in fp8_models,
                 )
-                text_encoder = _text_encoder_from_ldm(ldm, is_v2, dtype, map_token_embedding, map_frozen_weights)
+                text_encoder = _text_encoder_from_ldm(
+                    ldm, is_v2, dtype, map_token_embedding, map_frozen_weights, fp8="text_encoder" in fp8_models
+                )
             except UserError as err:
                 raise error_with_path(err, path) from None
             if use_vae_first is None:
@@ -475,6 +500,9 @@ def load_target_model(
     if vae is not None and use_vae_first is None:
         vae_model = load_vae(vae, dtype)
     tokenizer = load_tokenizer(is_v2, tokenizer_cache_dir)
+    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if name in fp8_models:  # cast here when loading did not (Diffusers folders); route the layers
+            fp8_layers.store_layers_in_fp8(model, dtype)
     return StableDiffusionModels(
         text_encoder=finish_model(text_encoder, dtype, device),
         vae=vae_model if use_vae_first is not None else finish_model(vae_model, dtype, device),

@@ -209,8 +209,11 @@ def ldm_to_model(
     source: str,
     dtype: torch.dtype | None = None,
     copy: bool = True,
+    key_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read the linked LDM tensors into a model state dict (reshaped, chunked, cast to `dtype`).
+    """Read the linked LDM tensors into a model state dict (reshaped, chunked, cast to `dtype`,
+    or to `key_dtypes[model_key]` where given: each as it is read, so no full-precision copy of the
+    whole model is held).
 
     `copy` makes every result own its memory (needed when `get_tensor` returns views of a
     memory-mapped file); tensors that are cast or split are new anyway.
@@ -233,8 +236,9 @@ def ldm_to_model(
             if entry[1] == 3:
                 del fused_cache[link.ldm_key]
         tensor = _fit_shape(tensor, target_shapes[link.model_key], link.ldm_key, source)
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
+        target = key_dtypes.get(link.model_key, dtype) if key_dtypes else dtype
+        if target is not None and tensor.is_floating_point() and tensor.dtype != target:
+            tensor = tensor.to(target)
         elif copy and link.chunk is None:
             # own the memory: the source may be a memory-mapped file that the user later replaces
             tensor = tensor.clone()

@@ -115,10 +115,16 @@ def _patch_scaler_for_fp16_grads(accelerator) -> None:
 
 
 def _place(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype]) -> None:
-    """Move a model; cast only when the dtype really changes (diffusers warns on every cast)."""
+    """Move a model; cast only when the dtype really changes (diffusers warns on every cast).
+    Weights stored in fp8 (`--fp8_base`) stay in fp8."""
+    from library import fp8_layers
+
     model.to(device)
-    if dtype is not None and next(model.parameters()).dtype != dtype:
-        model.to(dtype=dtype)
+    if dtype is not None and fp8_layers.compute_dtype(model) != dtype:
+        if any(fp8_layers.is_fp8(p) for p in model.parameters()):
+            fp8_layers.cast_model(model, dtype)
+        else:
+            model.to(dtype=dtype)
 
 
 def _noise_scheduler(args: argparse.Namespace, device: torch.device) -> Any:
@@ -343,6 +349,7 @@ class _Runner:
             map_token_embedding=maps_rows,
             map_frozen_weights=mapping,
             smallest_latent_side=weight_mapping.smallest_latent_side(sizes),
+            fp8_models=method.fp8_models(args),
         )
         if models.v2 and not args.v2:
             logger.info("the model is an SD v2 model: training as v2")

@@ -91,6 +91,8 @@ def network_training_metadata(
         "ss_network_dropout": get("network_dropout"),
         "ss_mixed_precision": get("mixed_precision", "no"),
         "ss_full_fp16": bool(get("full_fp16", False)),
+        "ss_fp8_base": bool(get("fp8_base", False)),
+        "ss_fp8_base_unet": bool(get("fp8_base_unet", False)),
         "ss_v2": bool(get("v2", False)),
         "ss_base_model_version": base_model_version(bool(get("v2", False)), bool(get("v_parameterization", False))),
         "ss_clip_skip": get("clip_skip"),

@@ -50,6 +50,11 @@ class TrainingMethod(abc.ABC):
         """dtype the base models are loaded in (frozen models can be loaded directly in weight_dtype)."""
         return torch.float32
 
+    def fp8_models(self, args: argparse.Namespace) -> tuple[str, ...]:
+        """Frozen base models ("unet", "text_encoder") whose Linear / Conv2d weights are stored in
+        fp8 (`--fp8_base`; library/fp8_layers.py); none by default."""
+        return ()
+
     @abc.abstractmethod
     def setup(self, ctx: "TrainContext") -> None:
         """Create / attach what trains (e.g. a LoRA network); freeze (`requires_grad_(False)`) the

@@ -46,7 +46,7 @@ LOG_WITH_CHOICES = [None, "tensorboard", "wandb", "all"]
 # Flags of newer sd-scripts that this toolkit does not implement, with a short reason.
 # Values that are harmless (the sd-scripts default) are accepted: see _UNSUPPORTED_ALLOWED_VALUES.
 _UNSUPPORTED_GROUPS: dict[str, tuple[str, ...]] = {
-    "fp8 base weights are not implemented": ("fp8_base", "fp8_base_unet"),
+    "fp8 base weights are for frozen base models: only train_network.py has them": ("fp8_base", "fp8_base_unet"),
     "masked loss is not implemented": ("masked_loss", "alpha_mask", "conditioning_data_dir"),
     "only the l2 loss is implemented": ("loss_type",),
     "Huber / smooth-L1 losses are not implemented": ("huber_c", "huber_schedule", "huber_scale"),
