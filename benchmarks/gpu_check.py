@@ -407,6 +407,9 @@ def check_jobs(settings: Settings, ws: Workspace) -> tuple[list[CheckJob], list[
                 skips.append(skipped(name, why))
             else:
                 add(name, script, extra)
+    # frozen base weights in fp8 (train_network.py only; CPU autocast has bf16, CUDA both)
+    for precision in ("fp16", "bf16") if settings.cuda else ("bf16",):
+        add(f"train_network {precision} fp8_base", "train_network.py", [*PRECISIONS[precision], "--fp8_base"])
     # the optimizer packages the wheel folder brings (the CPU suite covers them on CPU)
     optimizers = [("Lion", "1e-5", None), ("Prodigy", "1.0", None), ("DAdaptAdam", "1.0", None),
                   ("Lion8bit", "1e-5", "bitsandbytes")]
@@ -564,7 +567,7 @@ def lora_plan(settings: Settings, ws: Workspace, model: Path) -> list[RowRun]:
         best = settings.row_precisions[-1]
         best_flags = [*PRECISIONS[best], *base]
         variants.append((f"LoRA {settings.size}² b1 {best} fused AdamW", best, [*best_flags, "--optimizer_args", "fused=True"], True))
-        for flag in ("channels_last", "torch_compile"):  # measured once the trainers have such flags
+        for flag in ("fp8_base", "channels_last", "torch_compile"):  # those the trainer has
             if flag_supported("train_network.py", flag):
                 variants.append((f"LoRA {settings.size}² b1 {best} {flag}", best, [*best_flags, f"--{flag}"], True))
     runs = []

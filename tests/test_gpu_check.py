@@ -67,6 +67,7 @@ def test_smoke_run_passes_every_check(smoke):
         assert checks[f"{stem} full_fp16"]["metrics"]["result"] == "skipped: needs CUDA"
     assert checks["gen_img_diffusers bf16 + LoRA"]["metrics"]["result"] == "ok"
     assert checks["train_network bf16 Prodigy"]["metrics"]["result"] == "skipped: needs CUDA"
+    assert checks["train_network bf16 fp8_base"]["metrics"]["result"] == "ok"
     assert "checks and rows passed" in results[1].stdout and "| check | train_db bf16 | ok |" in results[1].stdout
 
 
@@ -236,12 +237,13 @@ def test_cuda_plan_command_lines_pass_the_trainers_flag_checks(tmp_path, monkeyp
     ws = gpu_check.Workspace(*(tmp_path / name for name in ("tiny.safetensors", "db", "ft", "meta.json", "rdb", "rft", "rmeta.json")))
     jobs, skips = gpu_check.check_jobs(settings, ws)
     names = [job.name for job in jobs]
-    assert len(names) == 5 * 4 + 3 and "train_textual_inversion_XTI full_fp16" in names and "train_network bf16 Prodigy" in names
+    assert len(names) == 5 * 4 + 2 + 3 and "train_textual_inversion_XTI full_fp16" in names and "train_network bf16 Prodigy" in names
+    assert "train_network fp16 fp8_base" in names and "train_network bf16 fp8_base" in names
     assert {row.metrics["result"] for row in skips} == {"skipped: xformers not importable", "skipped: bitsandbytes not importable"}
     model = tmp_path / "sd15.safetensors"
     rows = gpu_check.lora_plan(settings, ws, model) + gpu_check.fine_tune_plan(settings, ws, model, 10**12)
     assert [run.name for run in rows] == [
-        "LoRA 512² b1 fp16", "LoRA 512² b1 bf16", "LoRA 512² b1 bf16 fused AdamW",
+        "LoRA 512² b1 fp16", "LoRA 512² b1 bf16", "LoRA 512² b1 bf16 fused AdamW", "LoRA 512² b1 bf16 fp8_base",
         "full U-Net fine-tune 512² b16 bf16", "full U-Net fine-tune 512² b16 bf16 fused AdamW",
     ]
     for script, argv in [(job.script, job.argv) for job in jobs] + [(run.script, run.argv) for run in rows]:
@@ -250,7 +252,8 @@ def test_cuda_plan_command_lines_pass_the_trainers_flag_checks(tmp_path, monkeyp
         train_util.verify_training_args(args)
     lora_row = train_util.parse_args_with_config(importlib.import_module("train_network").setup_parser(), rows[1].argv)
     assert (lora_row.mixed_precision, lora_row.gradient_checkpointing, lora_row.sdpa, lora_row.train_batch_size) == ("bf16", True, True, 1)
-    assert train_util.parse_args_with_config(importlib.import_module("fine_tune").setup_parser(), rows[4].argv).optimizer_args == ["fused=True"]
+    assert train_util.parse_args_with_config(importlib.import_module("fine_tune").setup_parser(), rows[5].argv).optimizer_args == ["fused=True"]
+    assert train_util.parse_args_with_config(importlib.import_module("train_network").setup_parser(), rows[3].argv).fp8_base
     for precision in ("fp16", "bf16"):
         generation = gen_args.parse_args(gpu_check.generation_argv(model, tmp_path / "gen", tmp_path / "lora.safetensors", precision))
         assert getattr(generation, precision) and generation.network_module == ["networks.lora"]
