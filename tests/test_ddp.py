@@ -55,3 +55,14 @@ def test_two_process_ddp_ranks_end_with_equal_weights_and_resume_exactly(tmp_pat
     resumed = load_file(str(tmp_path / "dump2" / "rank0.safetensors"))
     for key in rank0:
         assert torch.equal(resumed[key], rank0[key]), key
+
+
+def test_two_process_ddp_with_fp8_base_weights(tmp_path):
+    """gloo cannot broadcast fp8 tensors: the frozen base (DiffusionStep keeps it unregistered) must
+    stay out of DDP's start-up sync."""
+    model = th.make_tiny_model(tmp_path)
+    img = th.make_image_folder(tmp_path, count=4, repeats=1)
+    _torchrun(tmp_path / "dump", th.base_argv(model, img, tmp_path / "out", "--max_train_steps", "2", "--fp8_base"))
+    rank0, rank1 = (load_file(str(tmp_path / "dump" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert sum(float(v.abs().sum()) for k, v in rank0.items() if k.endswith("lora_up.weight")) > 0
