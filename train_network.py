@@ -58,6 +58,9 @@ class NetworkTrainingMethod(train_core.TrainingMethod):
     #: as results stay bit-identical (all of them with --mmap_frozen_weights; train_core /
     #: model_util.load_target_model / weight_mapping)
     maps_token_embedding = True
+    #: the LoRA file holds no text-encoder weight: with --network_train_unet_only and every caption's
+    #: states cached before the loop (and no sample prompts), the text encoder is freed (train_core)
+    releases_cached_text_encoder = True
     #: --network_args that change the network's shape or scale (others, like dropouts and
     #: learning-rate weights, may change when a run is resumed)
     STRUCTURAL_NETWORK_ARGS = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims",

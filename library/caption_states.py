@@ -32,6 +32,8 @@ class TextEmbeddingCache:
     def _states_of(self, caption: str) -> torch.Tensor:
         states = self._states.get(caption)
         if states is None:
+            if self._encode is None:
+                raise RuntimeError(f"caption not in the text-encoder cache after the encoder was released: {caption!r}")
             with torch.no_grad():
                 states = self._encode([caption])[0].to("cpu")
             if len(self._states) < self._max_entries:
@@ -50,6 +52,10 @@ class TextEmbeddingCache:
                 self._states_of(caption)
                 added += 1
         return added
+
+    def seal(self) -> None:
+        """No more encoding: the text encoder is about to be released (every caption is cached)."""
+        self._encode = None
 
     def __len__(self) -> int:
         return len(self._states)

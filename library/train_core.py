@@ -435,6 +435,15 @@ class _Runner:
         captions = captions_ahead(ctx.dataset_group, self.start_epoch, self.start_batch, batches, cache.max_entries)
         added = cache.fill(captions)
         logger.info("text encoder outputs cached for %d captions", added)
+        if self.method.releases_cached_text_encoder and not ctx.sample_prompts and len(captions) < cache.max_entries:
+            # every caption the loop will show is cached (captions_ahead was not cut at the limit)
+            # and nothing samples: the encoder's weights are not needed again, as the VAE's are not
+            from library import model_util
+
+            cache.seal()
+            model_util.release_weights(ctx.models.text_encoder)
+            model_util.return_freed_memory()
+            logger.info("text encoder released: the states of every caption of the run are cached")
         stage_timer.mark("setup")
 
     def _compute_lengths(self) -> None:

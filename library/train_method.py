@@ -32,6 +32,9 @@ class TrainingMethod(abc.ABC):
     support_dreambooth: bool = True
     support_finetuning: bool = True
     support_dropout: bool = True
+    #: the saves hold no text-encoder weight (a network): a frozen text encoder whose states for
+    #: every caption of the run are cached before the loop, and that no sample needs, is freed then
+    releases_cached_text_encoder: bool = False
 
     def verify_args(self, args: argparse.Namespace) -> None:
         """Raise `UserError` for flag combinations this method cannot run."""

@@ -174,7 +174,7 @@ def test_adamw_foreach_default_trains_bit_identically_to_the_loop(workspace, tmp
     assert optimizer.defaults["foreach"] is True and shown == ""  # ss_optimizer stays "torch.optim.adamw.AdamW"
 
 
-def _unet_only_run(workspace, out, steps):
+def _unet_only_run(workspace, out, steps, *extra):
     """A --network_train_unet_only run counting the text-encoder forwards from the first step on."""
     seen = {"forwards_in_loop": 0}
 
@@ -182,6 +182,7 @@ def _unet_only_run(workspace, out, steps):
         def count(*_):
             seen["forwards_in_loop"] += 1
 
+        seen["te_device"] = next(ctx.models.text_encoder.parameters()).device.type
         seen["hook"] = ctx.models.text_encoder.register_forward_hook(count)
         seen["cached"] = len(ctx.accelerator.unwrap_model(ctx.step_module)._encode_text)
 
@@ -190,9 +191,39 @@ def _unet_only_run(workspace, out, steps):
         seen["network"] = th.network_state(ctx)
 
     argv = th.base_argv(workspace["model"], workspace["img"], out, "--max_train_steps", str(steps), "--train_batch_size", "1",
-                        "--cache_latents", "--network_train_unet_only")
+                        "--cache_latents", "--network_train_unet_only", *extra)
     result = th.run_train(argv, train_core.TrainHooks(on_train_start=at_start, on_train_end=at_end))
     return result, seen
+
+
+def test_unet_only_frees_the_text_encoder_once_every_caption_is_cached(workspace, tmp_path, monkeypatch):
+    from library.caption_states import TextEmbeddingCache
+
+    freed, freed_seen = _unet_only_run(workspace, tmp_path / "freed", 3)
+    # sample prompts keep the encoder (samples encode their prompts); no sample falls inside 3 steps
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks dog --w 64 --h 64 --s 2\n", encoding="utf-8")
+    kept, kept_seen = _unet_only_run(workspace, tmp_path / "kept", 3, "--sample_prompts", str(prompts),
+                                     "--sample_every_n_steps", "1000")
+    assert freed_seen["te_device"] == "meta" and kept_seen["te_device"] == "cpu"
+    assert freed_seen["cached"] == kept_seen["cached"] == 2 and freed_seen["forwards_in_loop"] == 0
+    assert freed.step_losses == kept.step_losses
+    assert all(torch.equal(freed_seen["network"][k], kept_seen["network"][k]) for k in kept_seen["network"])
+    # a cache at its size limit may meet new captions later: the encoder stays
+    monkeypatch.setattr(TextEmbeddingCache, "max_entries", property(lambda self: 2))
+    _, capped_seen = _unet_only_run(workspace, tmp_path / "capped", 3)
+    assert capped_seen["te_device"] == "cpu"
+
+
+def test_sealed_text_cache_names_a_missing_caption():
+    from library.caption_states import TextEmbeddingCache
+
+    cache = TextEmbeddingCache(lambda captions: torch.zeros(len(captions), 4, 8), torch.device("cpu"))
+    assert cache.fill(["a dog"]) == 1
+    cache.seal()
+    assert cache(["a dog"]).shape == (1, 4, 8)
+    with pytest.raises(RuntimeError, match="'a cat'"):
+        cache(["a cat"])
 
 
 def test_unet_only_text_encoder_outputs_are_cached_before_the_loop(workspace, tmp_path, monkeypatch):
