@@ -99,7 +99,6 @@ class SafetensorsReader:
             self.close()
             raise UserError(f"{path}: not a readable safetensors file ({err})") from None
         self._data_start = 8 + header_len
-        self._map: Any = None  # the whole file, copy-on-write, made by the first map_tensor
         self.shapes = {key: entry[1] for key, entry in self._entries.items()}
         if any(self._data_start + entry[3] > size for entry in self._entries.values()):
             self.close()
@@ -122,25 +121,30 @@ class SafetensorsReader:
     def map_tensor(self, key: str) -> torch.Tensor | None:
         """The tensor as a copy-on-write view of the file's pages (None where its data is not
         aligned for its dtype). Only the pages a computation reads become resident, and writes
-        go to private copies, never to the file. The mapping lives as long as the tensor."""
+        go to private copies, never to the file.
+
+        Each tensor maps just its own bytes (from the allocation boundary below them, so the data
+        keeps the address alignment it has in the file): the mapping closes when the tensor is
+        freed, so freed weights leave the process's resident memory (a mapping of the whole file
+        kept the pages of freed tensors resident), and Windows charges its commit limit only for
+        the bytes of the mapped tensors."""
+        import mmap
+
         dtype, shape, start, end = self._entries[key]
         itemsize = torch.empty((), dtype=dtype).element_size()
         offset = self._data_start + start
         numel = math.prod(shape)
         if offset % itemsize or end - start != numel * itemsize or numel == 0:
             return None
-        if self._map is None:
-            import mmap
-
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-        return torch.frombuffer(self._map, dtype=dtype, count=numel, offset=offset).reshape(shape)
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(self._file.fileno(), offset + (end - start) - base, offset=base, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(region, dtype=dtype, count=numel, offset=offset - base).reshape(shape)
 
     def close(self) -> None:
         handle = getattr(self, "_file", None)
         if handle is not None:
             handle.close()
-            self._file = None
-        self._map = None  # not closed: mapped tensors keep it alive as long as they need it
+            self._file = None  # mapped tensors keep their own mappings (and a duplicate handle) alive
 
 
 class LdmFile:
