@@ -290,6 +290,11 @@ class Floor:
     def _states(self, carry_grad: bool) -> Any:
         torch = self.torch
         if not carry_grad:
+            if next(self.text_encoder.parameters()).is_meta:
+                # the run freed the encoder after caching its outputs: states of the same shape
+                # (values do not change the U-Net's time)
+                shape = (*self.input_ids.shape, self.text_encoder.config.hidden_size)
+                return torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(self.device, self.unet.dtype)
             with torch.no_grad():
                 return self.text_encoder(self.input_ids)[0]
         # make the embedding output a leaf that needs a gradient: every encoder layer then
@@ -420,6 +425,8 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
                 hw = (int(reso[1]) // 8, int(reso[0]) // 8)
                 floor = floor_holder["floor"] = Floor(ctx, self.network, hw, args.train_batch_size)
             for both, times in ((True, profile.floor_both), (False, profile.floor_unet)):
+                if both and next(ctx.models.text_encoder.parameters()).is_meta:
+                    continue  # the run freed the text encoder after caching its outputs: U-Net floor only
                 step = _labelled(FLOOR_LABELS[both], floor.step) if torch_profile_steps else floor.step
                 times.append(step(with_text_encoder=both))
             marks["floor_total"] += time.perf_counter() - start  # not part of the training step
@@ -597,15 +604,16 @@ def summary(profile: Profile) -> dict[str, Any]:
     if step is not None:
         parts["rest of the loop (data loader, seeds, logging)"] = step - known
     out: dict[str, Any] = {"step_parts_median_s": parts}
-    if profile.floor_both and profile.step_parts.get("step"):
+    if profile.floor_unet and profile.step_parts.get("step"):
         steps = profile.step_parts["step"]
         # ratios per interleaved pair, then the median: noise common to a pair cancels
-        pairs = list(zip(steps, profile.floor_both[1:]))
         unet_pairs = list(zip(steps, profile.floor_unet[1:]))
-        out["floor_te_unet_s"] = median_after_warmup(profile.floor_both)
         out["floor_unet_s"] = median_after_warmup(profile.floor_unet)
-        out["step_over_floor"] = median_after_warmup([s / f for s, f in pairs])
         out["step_over_unet_floor"] = median_after_warmup([s / f for s, f in unet_pairs])
+        if profile.floor_both:
+            pairs = list(zip(steps, profile.floor_both[1:]))
+            out["floor_te_unet_s"] = median_after_warmup(profile.floor_both)
+            out["step_over_floor"] = median_after_warmup([s / f for s, f in pairs])
     return out
 
 
@@ -623,6 +631,8 @@ def format_report(profile: Profile, info: dict[str, Any]) -> str:
             "", f"floor (TE + U-Net fwd+bwd): {info['floor_te_unet_s']:.4f} s; U-Net alone: {info['floor_unet_s']:.4f} s",
             f"LoRA step / floor: {info['step_over_floor']:.3f}; / U-Net floor: {info['step_over_unet_floor']:.3f}",
         ]
+    elif "step_over_unet_floor" in info:  # the text encoder was freed: no TE + U-Net floor
+        lines += ["", f"U-Net floor: {info['floor_unet_s']:.4f} s", f"LoRA step / U-Net floor: {info['step_over_unet_floor']:.3f}"]
     if profile.after_last_step:
         lines += ["", "after the last step: " + ", ".join(f"{k} {v:.3f} s" for k, v in profile.after_last_step.items())]
     if profile.top_ops:

@@ -228,10 +228,11 @@ def row_plans(ctx: Context) -> list[RowPlan]:
                 {**lora, "resolution": 64, "source": "single file", "gradient_checkpointing": True},
                 note="floor without checkpointing"),
         RowPlan("lora_unet_only_64", "train_network",
-                lora_argv(model, data, out / "e", steps, 64, "--network_train_unet_only"), "both", floor_steps,
+                lora_argv(model, data, out / "e", steps, 64, "--network_train_unet_only"), "unet", floor_steps,
                 {**lora, "resolution": 64, "source": "single file", "network_train_unet_only": True,
                  "text_encoder_outputs": "cached per caption (fixed captions)"},
-                note="TE outputs cached per caption by the core; there is no --cache_text_encoder_outputs flag"),
+                note="TE outputs cached per caption by the core, then the TE is freed (so no U-Net + TE floor); "
+                "there is no --cache_text_encoder_outputs flag"),
         RowPlan("train_db_full", "train_db", full_model_argv(model, out / "f", full_steps, *dreambooth_data),
                 "unet_te", full_floor_steps, {**full, "trains": "U-Net + text encoder"}),
         RowPlan("fine_tune_full", "fine_tune",

@@ -124,6 +124,9 @@ def floor_step_times(ctx: train_core.TrainContext, through_text_encoder: bool, s
     disable_te_checkpointing = getattr(text_encoder, "gradient_checkpointing_disable", None)
     if disable_te_checkpointing is not None:
         disable_te_checkpointing()
+    if through_text_encoder and next(text_encoder.parameters()).is_meta:
+        raise RuntimeError("the run freed the text encoder after caching its outputs: there is no U-Net + text "
+                           "encoder floor to time in this process (use the floor 'unet')")
     latents, captions = _floor_batch(ctx)
     max_token_length, clip_skip = getattr(args, "max_token_length", None), getattr(args, "clip_skip", None)
     input_ids = text_encoding.tokenize_captions(tokenizer, captions, max_token_length)
@@ -135,8 +138,14 @@ def floor_step_times(ctx: train_core.TrainContext, through_text_encoder: bool, s
     timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
     fixed_states = None
     if not through_text_encoder:
-        with torch.no_grad():
-            fixed_states = text_encoding.encode_input_ids(text_encoder, input_ids, tokenizer, max_token_length, clip_skip, ctx.weight_dtype)
+        cache = ctx.accelerator.unwrap_model(ctx.step_module)._encode_text
+        if next(text_encoder.parameters()).is_meta:  # freed after caching: the run's own cached states
+            fixed_states = cache(captions)
+        else:
+            with torch.no_grad():
+                fixed_states = text_encoding.encode_input_ids(
+                    text_encoder, input_ids, tokenizer, max_token_length, clip_skip, ctx.weight_dtype
+                )
     times: list[float] = []
     try:
         for _ in range(warmup + steps):
