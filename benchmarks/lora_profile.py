@@ -110,7 +110,7 @@ LOADING_STEPS = (
     ("library.model_util", "load_vae"), ("library.model_util", "_vae_from_shapes"),
     ("library.model_util", "_use_then_release"), ("library.model_util", "release_weights"),
     ("library.model_util", "return_freed_memory"), ("library.model_util", "_unet_from_ldm"),
-    ("library.model_util", "_text_encoder_from_ldm"), ("library.model_util", "_load_diffusers_folder"),
+    ("library.model_util", "_text_encoder_from_ldm"), ("library.diffusers_folder", "load_folder_models"),
     ("library.model_util", "assign_weights"), ("library.model_util", "finish_model"),
     ("library.sd_keys", "ldm_to_model"),
 )

@@ -457,10 +457,15 @@ def load_target_model(
         )
     ldm_metadata: dict[str, Any] = {}
     if path.is_dir():
+        from library import diffusers_folder
+
         if use_vae_first is not None:
-            _check_diffusers_folder(path)
+            diffusers_folder.check_folder(path)
             vae_model = _use_then_release(load_vae(vae if vae is not None else path, dtype), use_vae_first, dtype, device)
-        unet, folder_vae, text_encoder = _load_diffusers_folder(path, dtype, with_vae=use_vae_first is None and vae is None)
+        unet, folder_vae, text_encoder = diffusers_folder.load_folder_models(
+            path, dtype, with_vae=use_vae_first is None and vae is None, mapping=map_frozen_weights,
+            latent_side=smallest_latent_side, map_token_embedding=map_token_embedding, fp8_models=tuple(fp8_models),
+        )
         if use_vae_first is None and vae is None:
             vae_model = folder_vae
         is_v2 = text_encoder.config.hidden_act == "gelu" or unet.config.cross_attention_dim == 1024
@@ -518,29 +523,6 @@ def load_target_model(
         is_ldm_file=is_ldm,
         ldm_metadata=ldm_metadata,
     )
-
-
-def _check_diffusers_folder(path: Path) -> None:
-    for part in ("unet", "vae", "text_encoder"):
-        if not (path / part / "config.json").is_file():
-            raise UserError(f"{path}: not a Diffusers model folder ('{part}/config.json' is missing)")
-
-
-def _load_diffusers_folder(
-    path: Path, dtype: torch.dtype, with_vae: bool = True
-) -> tuple[UNet2DConditionModel, AutoencoderKL | None, CLIPTextModel]:
-    _check_diffusers_folder(path)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    try:
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype) if with_vae else None
-        text_encoder = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: cannot load Diffusers model ({first_line})") from None
-    return unet, vae, text_encoder
 
 
 # old Diffusers VAE files name the mid-block attention's layers these ways
