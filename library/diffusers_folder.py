@@ -1,11 +1,15 @@
 """Load the U-Net, VAE and text encoder of a Diffusers model folder.
 
-Each model is built empty from its `config.json` and its `.safetensors` weights are read one
-tensor at a time (`model_util.SafetensorsReader`), like a single file: so the same options
-apply to folders - frozen weights mapped from the file where results stay bit-identical
-(`weight_mapping`), fp8 storage cast as read (`fp8_layers`). A folder laid out otherwise
-(`.bin` weights, sharded or variant files) loads through diffusers / transformers'
-`from_pretrained`, as the models' own libraries read it.
+Each model is built empty from its `config.json` and its `.safetensors` weights are taken one
+tensor at a time (`model_util.SafetensorsReader`). As diffusers' and transformers'
+`from_pretrained` do, every tensor stored in the load dtype is a (copy-on-write) mapping of the
+file, so results are those of loading through `from_pretrained` bit for bit (they differ in low
+bits from the same model's single file, which is read into aligned memory where it matters:
+`weight_mapping`). What reading it here adds: weights stored in fp8 are cast one by one as they
+are read (`fp8_layers`; from_pretrained would hold the whole model in the load dtype first), and
+each tensor has its own mapping, so freed weights leave the process's resident memory. A folder
+laid out otherwise (`.bin` weights, sharded or variant files, other key names) loads through
+`from_pretrained`.
 """
 
 from __future__ import annotations
@@ -13,12 +17,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable
-
 import torch
 from torch import nn
 
-from library import fp8_layers, sd_keys, weight_mapping
+from library import fp8_layers, sd_keys
 from library.errors import UserError
 from library.model_util import SafetensorsReader, assign_weights
 
@@ -55,11 +57,9 @@ def _model_key(file_key: str, model_keys: set[str]) -> str | None:
     return None if sd_keys.is_position_ids(file_key) else file_key
 
 
-def _read_weights(
-    model: nn.Module, weights: Path, dtype: torch.dtype, maps: Callable[[str], bool], fp8: bool, what: str
-) -> nn.Module:
-    """Fill an empty `model` from `weights`, tensor by tensor: mapped where `maps(key)` and the file
-    holds the tensor in `dtype`, else read (and cast to `dtype`, or to fp8 for the fp8 layers)."""
+def _read_weights(model: nn.Module, weights: Path, dtype: torch.dtype, fp8: bool, what: str) -> nn.Module:
+    """Fill an empty `model` from `weights`, tensor by tensor: mapped where the file holds the
+    tensor in `dtype`, else read and cast (to `dtype`, or to fp8 for the fp8 layers)."""
     fp8_keys = fp8_layers.layer_weight_keys(model) if fp8 else set()
     model_keys = set(model.state_dict())
     reader = SafetensorsReader(weights)
@@ -71,7 +71,7 @@ def _read_weights(
                 continue
             target = fp8_layers.FP8_DTYPE if key in fp8_keys else dtype
             tensor = None
-            if key not in fp8_keys and maps(key) and reader.dtype(file_key) == dtype:
+            if key not in fp8_keys and reader.dtype(file_key) == dtype:
                 tensor = reader.map_tensor(file_key)
             if tensor is None:
                 tensor = reader.get_tensor(file_key)
@@ -84,24 +84,16 @@ def _read_weights(
     return model
 
 
-def _unet(folder: Path, dtype: torch.dtype, mapping: str, latent_side: int, fp8: bool) -> nn.Module:
+def _unet(folder: Path, dtype: torch.dtype, fp8: bool) -> nn.Module:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    config = _read_config(folder)
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
-    levels = len(unet.config.block_out_channels)
-
-    def maps(key: str) -> bool:
-        if mapping == "exact":
-            return weight_mapping.maps_exactly(key, levels, latent_side)
-        return mapping == "all"
-
-    return _read_weights(unet, folder / DIFFUSERS_WEIGHTS, dtype, maps, fp8, "UNet")
+        unet = UNet2DConditionModel.from_config(_read_config(folder))
+    return _read_weights(unet, folder / DIFFUSERS_WEIGHTS, dtype, fp8, "UNet")
 
 
-def _text_encoder(folder: Path, dtype: torch.dtype, mapping: str, map_token_embedding: bool, fp8: bool) -> nn.Module:
+def _text_encoder(folder: Path, dtype: torch.dtype, fp8: bool) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -109,11 +101,7 @@ def _text_encoder(folder: Path, dtype: torch.dtype, mapping: str, map_token_embe
     config = CLIPTextConfig.from_json_file(str(folder / "config.json"))
     with init_empty_weights():
         text_encoder = CLIPTextModel(config)
-
-    def maps(key: str) -> bool:  # 77 tokens per sample, never one row: mapping it all is exact too
-        return mapping != "none" or (map_token_embedding and key.endswith("token_embedding.weight"))
-
-    return _read_weights(text_encoder, folder / TEXT_ENCODER_WEIGHTS, dtype, maps, fp8, "text encoder")
+    return _read_weights(text_encoder, folder / TEXT_ENCODER_WEIGHTS, dtype, fp8, "text encoder")
 
 
 def _vae(folder: Path, dtype: torch.dtype) -> nn.Module:
@@ -122,7 +110,7 @@ def _vae(folder: Path, dtype: torch.dtype) -> nn.Module:
 
     with init_empty_weights():
         vae = AutoencoderKL.from_config(_read_config(folder))
-    return _read_weights(vae, folder / DIFFUSERS_WEIGHTS, dtype, lambda key: False, False, "VAE")
+    return _read_weights(vae, folder / DIFFUSERS_WEIGHTS, dtype, False, "VAE")
 
 
 def _from_pretrained(path: Path, part: str, dtype: torch.dtype) -> nn.Module:
@@ -140,20 +128,17 @@ def _from_pretrained(path: Path, part: str, dtype: torch.dtype) -> nn.Module:
 
 
 def load_folder_models(
-    path: Path, dtype: torch.dtype, with_vae: bool = True, mapping: str = "none", latent_side: int = 1,
-    map_token_embedding: bool = False, fp8_models: tuple[str, ...] | frozenset[str] = (),
+    path: Path, dtype: torch.dtype, with_vae: bool = True, fp8_models: tuple[str, ...] = (),
 ) -> tuple[nn.Module, nn.Module | None, nn.Module]:
-    """(unet, vae or None, text_encoder) of a Diffusers folder in `dtype`; the options as
-    `model_util.load_target_model` has them for single files."""
+    """(unet, vae or None, text_encoder) of a Diffusers folder in `dtype`; `fp8_models` as
+    `model_util.load_target_model` has it."""
     check_folder(path)
     weights = {"unet": path / "unet" / DIFFUSERS_WEIGHTS, "vae": path / "vae" / DIFFUSERS_WEIGHTS,
                "text_encoder": path / "text_encoder" / TEXT_ENCODER_WEIGHTS}
     readers = {
-        "unet": lambda: _unet(path / "unet", dtype, mapping, latent_side, "unet" in fp8_models),
+        "unet": lambda: _unet(path / "unet", dtype, "unet" in fp8_models),
         "vae": lambda: _vae(path / "vae", dtype),
-        "text_encoder": lambda: _text_encoder(
-            path / "text_encoder", dtype, mapping, map_token_embedding, "text_encoder" in fp8_models
-        ),
+        "text_encoder": lambda: _text_encoder(path / "text_encoder", dtype, "text_encoder" in fp8_models),
     }
     models: dict[str, nn.Module | None] = {}
     for part in PARTS:

@@ -443,7 +443,11 @@ def load_target_model(
 
     `fp8_models` ("unet", "text_encoder"; for frozen models only): those models' Linear / Conv2d
     weights are stored in fp8 and their layers compute through `fp8_layers` (`--fp8_base`). From a
-    single file each weight is cast as it is read; a Diffusers folder loads in `dtype` first.
+    single file or a Diffusers folder each weight is cast as it is read (a folder in another layout
+    loads in `dtype` first).
+
+    A Diffusers folder (`diffusers_folder`) maps every tensor stored in `dtype`, as from_pretrained
+    does, whatever `map_frozen_weights` says: its results stay those of loading through diffusers.
     """
     if set(fp8_models) - {"unet", "text_encoder"}:
         raise ValueError(f"fp8_models may name 'unet' and 'text_encoder', not {sorted(fp8_models)}")
@@ -462,9 +466,9 @@ def load_target_model(
         if use_vae_first is not None:
             diffusers_folder.check_folder(path)
             vae_model = _use_then_release(load_vae(vae if vae is not None else path, dtype), use_vae_first, dtype, device)
+        # mapped as from_pretrained maps it, whatever the mapping options (diffusers_folder)
         unet, folder_vae, text_encoder = diffusers_folder.load_folder_models(
-            path, dtype, with_vae=use_vae_first is None and vae is None, mapping=map_frozen_weights,
-            latent_side=smallest_latent_side, map_token_embedding=map_token_embedding, fp8_models=tuple(fp8_models),
+            path, dtype, with_vae=use_vae_first is None and vae is None, fp8_models=tuple(fp8_models)
         )
         if use_vae_first is None and vae is None:
             vae_model = folder_vae
@@ -510,7 +514,7 @@ def load_target_model(
         vae_model = load_vae(vae, dtype)
     tokenizer = load_tokenizer(is_v2, tokenizer_cache_dir)
     for name, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if name in fp8_models:  # cast here when loading did not (Diffusers folders); route the layers
+        if name in fp8_models:  # cast here when loading did not (folders via from_pretrained); route the layers
             fp8_layers.store_layers_in_fp8(model, dtype)
     return StableDiffusionModels(
         text_encoder=finish_model(text_encoder, dtype, device),

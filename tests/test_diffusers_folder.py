@@ -1,6 +1,6 @@
 """library/diffusers_folder.py: a Diffusers folder read tensor by tensor equals what
-diffusers / transformers' from_pretrained loads, maps frozen weights as single files do, and
-falls back to from_pretrained for folders laid out otherwise."""
+diffusers / transformers' from_pretrained loads (values, mappings, training results), casts fp8
+weights as read, and falls back to from_pretrained for folders laid out otherwise."""
 from __future__ import annotations
 
 import sys
@@ -51,14 +51,16 @@ def test_folder_models_equal_from_pretrained(folder, monkeypatch, dtype):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_folder_frozen_weights_are_mapped_as_single_files_are(folder):
-    unet, _, text_encoder = diffusers_folder.load_folder_models(folder, torch.float32, mapping="all")
-    assert all("diffusion_pytorch_model.safetensors" in th.mapping_of(p) for p in unet.parameters())
-    assert all("model.safetensors" in th.mapping_of(p) for p in text_encoder.parameters())
-    unet, vae, text_encoder = diffusers_folder.load_folder_models(folder, torch.float32, map_token_embedding=True)
-    assert not any(".safetensors" in th.mapping_of(p) for p in [*unet.parameters(), *vae.parameters()])
-    mapped = {n for n, p in text_encoder.named_parameters() if "model.safetensors" in th.mapping_of(p)}
-    assert [name.split("embeddings.")[-1] for name in mapped] == ["token_embedding.weight"]
+def test_folder_tensors_are_mapped_as_from_pretrained_maps_them(folder):
+    unet, vae, text_encoder = diffusers_folder.load_folder_models(folder, torch.float32)
+    for model in (unet, vae, text_encoder):
+        assert all(".safetensors" in th.mapping_of(p) for p in model.parameters())
+    # cast tensors are read: fp16 copies, fp8 layers
+    unet, _, _ = diffusers_folder.load_folder_models(folder, torch.float16, with_vae=False)
+    assert not any(".safetensors" in th.mapping_of(p) for p in unet.parameters())
+    unet, _, _ = diffusers_folder.load_folder_models(folder, torch.float32, with_vae=False, fp8_models=("unet",))
+    for name, param in unet.named_parameters():
+        assert (".safetensors" in th.mapping_of(param)) == (param.dtype == torch.float32), name
 
 
 def test_folder_in_another_layout_loads_through_from_pretrained(folder, tmp_path):
@@ -73,21 +75,23 @@ def test_folder_in_another_layout_loads_through_from_pretrained(folder, tmp_path
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), unet.state_dict().values()))
 
 
-def test_lora_run_from_a_folder_trains_as_the_same_single_file(tmp_path):
-    """Read tensor by tensor, a folder gives the results of the same model's single file bit for
-    bit (from_pretrained's tensors were views of the file at its offsets, which rounded some
-    products differently)."""
-    paths = write_tiny_model(tmp_path, formats=("diffusers", "safetensors"), seed=0)
+def test_lora_run_from_a_folder_trains_as_from_pretrained_did(folder, tmp_path, monkeypatch):
     img = th.make_image_folder(tmp_path, count=2, repeats=1)
     runs = {}
-    for name, model in paths.items():
+    for name in ("read", "from_pretrained"):
+        if name == "from_pretrained":  # the loading before this module: every part through from_pretrained
+            def through_from_pretrained(path, dtype, with_vae=True, **options):
+                parts = {p: diffusers_folder._from_pretrained(path, p, dtype) for p in diffusers_folder.PARTS}
+                return parts["unet"], parts["vae"] if with_vae else None, parts["text_encoder"]
+
+            monkeypatch.setattr(diffusers_folder, "load_folder_models", through_from_pretrained)
         seen = {}
         hooks = train_core.TrainHooks(on_train_end=lambda ctx, seen=seen: seen.update(network=th.network_state(ctx)))
-        argv = th.base_argv(model, img, tmp_path / name, "--max_train_steps", "3", "--train_batch_size", "1")
+        argv = th.base_argv(folder, img, tmp_path / name, "--max_train_steps", "3", "--train_batch_size", "1")
         runs[name] = (th.run_train(argv, hooks).step_losses, seen["network"])
-    (losses, network), (file_losses, file_network) = runs["diffusers"], runs["safetensors"]
-    assert losses == file_losses
-    assert network.keys() == file_network.keys() and all(torch.equal(network[k], file_network[k]) for k in network)
+    (losses, network), (ref_losses, ref_network) = runs["read"], runs["from_pretrained"]
+    assert losses == ref_losses
+    assert network.keys() == ref_network.keys() and all(torch.equal(network[k], ref_network[k]) for k in network)
 
 
 def test_broken_config_names_the_file(folder, tmp_path):
