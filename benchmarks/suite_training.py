@@ -5,7 +5,8 @@ trains like a user's run and then times the floor in the same process. A row rep
 - `s_per_step`: median seconds per optimizer step over the steps after the first two;
 - `floor_s`, `floor_ratio`: the bare forward + backward of the frozen U-Net and text encoder on
   the same batch (gradient to the inputs through every layer, no weight gradients) and
-  s_per_step ÷ that; `unet_floor_s`, `unet_floor_ratio`: the same for the U-Net alone;
+  s_per_step ÷ that; `unet_floor_s`, `unet_floor_ratio`: the same for the U-Net alone (the
+  only floor of the `--network_train_unet_only` row, whose run frees the text encoder);
 - `peak_rss_mib`: the training's peak resident set (VmHWM, read before the floor runs; no
   memory sampler thread slows the steps);
 - for the whole-model trainers, `memory_floor_mib` = weights of the U-Net and text encoder +
