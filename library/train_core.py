@@ -84,6 +84,8 @@ def _build_accelerator(args: argparse.Namespace, find_unused_parameters: bool = 
         accelerator = Accelerator(
             cpu=not _has_accelerator_device(),  # also makes torchrun/accelerate multi-process CPU runs use gloo
             mixed_precision=getattr(args, "mixed_precision", "no") or "no",
+            # --torch_compile: accelerate's prepare() compiles the step module (the U-Net forward)
+            dynamo_backend=(getattr(args, "dynamo_backend", None) or "inductor") if getattr(args, "torch_compile", False) else "no",
             log_with=log_with,
             project_dir=logging_dir,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],

@@ -9,6 +9,7 @@ generic usage error.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import random
@@ -60,9 +61,7 @@ _UNSUPPORTED_GROUPS: dict[str, tuple[str, ...]] = {
     "max-norm regularisation is not implemented": ("scale_weight_norms",),
     "merging base network weights is not implemented": ("base_weights", "base_weights_multiplier"),
     "this scheduler option is not implemented": ("lr_decay_steps", "lr_scheduler_timescale", "lr_scheduler_min_lr_ratio"),
-    "torch.compile / DDP tuning is not supported": (
-        "torch_compile", "dynamo_backend", "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph",
-    ),
+    "DDP tuning is not supported": ("ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph"),
     "this caption / dataset option is not implemented": (
         "cache_info", "caption_separator", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
         "caption_prefix", "caption_suffix", "dataset_class", "resize_interpolation", "skip_cache_check",
@@ -89,8 +88,12 @@ _UNSUPPORTED_ALLOWED_VALUES: dict[str, tuple] = {
     "huber_schedule": ("snr",),
     "caption_separator": (",",),
     "keep_tokens_separator": ("",),
-    "dynamo_backend": ("inductor",),
 }
+# sd-scripts' --dynamo_backend choices (those torch does not register here are refused at start)
+DYNAMO_BACKEND_CHOICES = [
+    "eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt", "onnxrt",
+    "tensort", "ipex", "tvm",
+]
 
 
 class OutputConfigWritten(SystemExit):
@@ -218,6 +221,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: 
                         help="use mixed precision")
     parser.add_argument("--full_fp16", action="store_true", help="fp16 training including gradients")
     parser.add_argument("--full_bf16", action="store_true", help="bf16 training including gradients")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="compile the training step's U-Net forward with torch.compile (through accelerate)")
+    parser.add_argument("--dynamo_backend", type=str, default="inductor", choices=DYNAMO_BACKEND_CHOICES,
+                        help="torch.compile backend for --torch_compile (default inductor)")
     parser.add_argument("--clip_skip", type=int, default=None,
                         help="use the output of the n-th last layer of the text encoder (n>=1)")
     parser.add_argument("--logging_dir", type=str, default=None, help="write TensorBoard logs to this directory")
@@ -518,6 +525,25 @@ def _xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
+# backends torch registers that only work with another package installed
+_DYNAMO_BACKEND_PACKAGES = {"tvm": "tvm", "onnxrt": "onnxruntime", "openxla": "torch_xla", "ipex": "intel_extension_for_pytorch"}
+
+
+def _check_dynamo_backend(backend: str) -> None:
+    """--dynamo_backend must be one torch registers here (others need packages it does not have)."""
+    import torch
+    import torch._dynamo  # only with --torch_compile: the import costs ~70 MiB
+
+    available = set(torch._dynamo.list_backends(exclude_tags=()))
+    if backend not in available:
+        raise UserError(f"--dynamo_backend {backend} is not available here (torch has: {', '.join(sorted(available))})")
+    if backend == "cudagraphs" and not torch.cuda.is_available():
+        raise UserError("--dynamo_backend cudagraphs needs a CUDA GPU")
+    package = _DYNAMO_BACKEND_PACKAGES.get(backend)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise UserError(f"--dynamo_backend {backend} needs the {package} package, which is not installed")
+
+
 def verify_training_args(args: argparse.Namespace) -> None:
     """sd-scripts consistency checks of the training flags; UserError names the flags involved.
 
@@ -535,6 +561,9 @@ def verify_training_args(args: argparse.Namespace) -> None:
         for aug in ("color_aug", "random_crop"):
             if _get(args, aug):
                 raise UserError(f"--cache_latents cannot be used with --{aug} (latents are computed once)")
+
+    if _get(args, "torch_compile"):
+        _check_dynamo_backend(_get(args, "dynamo_backend", "inductor") or "inductor")
 
     mixed_precision = _get(args, "mixed_precision", "no")
     if mixed_precision not in MIXED_PRECISION_CHOICES:

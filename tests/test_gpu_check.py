@@ -244,7 +244,7 @@ def test_cuda_plan_command_lines_pass_the_trainers_flag_checks(tmp_path, monkeyp
     rows = gpu_check.lora_plan(settings, ws, model) + gpu_check.fine_tune_plan(settings, ws, model, 10**12)
     assert [run.name for run in rows] == [
         "LoRA 512² b1 fp16", "LoRA 512² b1 bf16", "LoRA 512² b1 bf16 fused AdamW", "LoRA 512² b1 bf16 fp8_base",
-        "full U-Net fine-tune 512² b16 bf16", "full U-Net fine-tune 512² b16 bf16 fused AdamW",
+        "LoRA 512² b1 bf16 torch_compile", "full U-Net fine-tune 512² b16 bf16", "full U-Net fine-tune 512² b16 bf16 fused AdamW",
     ]
     for script, argv in [(job.script, job.argv) for job in jobs] + [(run.script, run.argv) for run in rows]:
         module = importlib.import_module(Path(script).stem)
@@ -252,7 +252,7 @@ def test_cuda_plan_command_lines_pass_the_trainers_flag_checks(tmp_path, monkeyp
         train_util.verify_training_args(args)
     lora_row = train_util.parse_args_with_config(importlib.import_module("train_network").setup_parser(), rows[1].argv)
     assert (lora_row.mixed_precision, lora_row.gradient_checkpointing, lora_row.sdpa, lora_row.train_batch_size) == ("bf16", True, True, 1)
-    assert train_util.parse_args_with_config(importlib.import_module("fine_tune").setup_parser(), rows[5].argv).optimizer_args == ["fused=True"]
+    assert train_util.parse_args_with_config(importlib.import_module("fine_tune").setup_parser(), rows[6].argv).optimizer_args == ["fused=True"]
     assert train_util.parse_args_with_config(importlib.import_module("train_network").setup_parser(), rows[3].argv).fp8_base
     for precision in ("fp16", "bf16"):
         generation = gen_args.parse_args(gpu_check.generation_argv(model, tmp_path / "gen", tmp_path / "lora.safetensors", precision))
