@@ -703,17 +703,31 @@ def run(settings: Settings, on_part_done: Optional[Callable[[list[Row]], None]] 
         except Exception as err:  # noqa: BLE001 - no model, no rows; the checks above still count
             failed = Outcome("random SD 1.5 model", False, f"{type(err).__name__}: {err}", None, {})
             return [*rows, failed.row()], [*outcomes, failed]
+    # the optional variants (fused AdamW, fp8 base, torch.compile: minutes of compiling) run after
+    # every required row, so a slow one cannot push the targets' rows past the time limit
+    optional: list[RowRun] = []
+
+    def required_rows(plan: list[RowRun]) -> list[tuple[Row, Optional[Outcome]]]:
+        optional.extend(run for run in plan if run.optional)
+        return run_rows(settings, [run for run in plan if not run.optional])
+
     makers: dict[str, Callable[[], list[tuple[Row, Optional[Outcome]]]]] = {
-        "lora": lambda: run_rows(settings, lora_plan(settings, ws, model)),
-        "fine_tune": lambda: run_rows(settings, fine_tune_plan(settings, ws, model, counted_flops(settings, model))),
+        "lora": lambda: required_rows(lora_plan(settings, ws, model)),
+        "fine_tune": lambda: required_rows(fine_tune_plan(settings, ws, model, counted_flops(settings, model))),
         "generation": lambda: [generation_row(settings, model)],
     }
-    for part in row_parts:
-        for row, outcome in makers[part]():
+
+    def add(results: list[tuple[Row, Optional[Outcome]]]) -> None:
+        for row, outcome in results:
             rows.append(row)
             if outcome is not None:
                 outcomes.append(outcome)
         done()
+
+    for part in row_parts:
+        add(makers[part]())
+    if optional:
+        add(run_rows(settings, optional))
     return rows, outcomes
 
 

@@ -257,3 +257,30 @@ def test_cuda_plan_command_lines_pass_the_trainers_flag_checks(tmp_path, monkeyp
     for precision in ("fp16", "bf16"):
         generation = gen_args.parse_args(gpu_check.generation_argv(model, tmp_path / "gen", tmp_path / "lora.safetensors", precision))
         assert getattr(generation, precision) and generation.network_module == ["networks.lora"]
+
+
+def test_optional_rows_run_after_every_required_row(tmp_path, monkeypatch):
+    """A slow optional variant (torch.compile compiles for minutes) must not push the target rows
+    (LoRA memory, fine-tune MFU, generation) past the time limit: they all run first."""
+    settings = cuda_settings(tmp_path)
+    ran: list[str] = []
+
+    def plan(*names):
+        return [gpu_check.RowRun(name, "train_network.py", [], {}, optional=name.endswith("*")) for name in names]
+
+    def run_rows(settings, runs):
+        ran.extend(run.name for run in runs)
+        return [(gpu_check.Row(gpu_check.SUITE_ROWS, run.name, params={}, metrics={}), None) for run in runs]
+
+    monkeypatch.setattr(gpu_check, "build_workspace", lambda settings: None)
+    monkeypatch.setattr(gpu_check, "full_model", lambda settings: tmp_path / "model.safetensors")
+    monkeypatch.setattr(gpu_check, "run_checks", lambda settings, ws, pool: [])
+    monkeypatch.setattr(gpu_check, "counted_flops", lambda settings, model: None)
+    monkeypatch.setattr(gpu_check, "lora_plan", lambda settings, ws, model: plan("lora fp16", "lora fused*", "lora compile*"))
+    monkeypatch.setattr(gpu_check, "fine_tune_plan", lambda settings, ws, model, flops: plan("fine-tune", "fine-tune fused*"))
+    monkeypatch.setattr(gpu_check, "generation_row", lambda settings, model: (
+        ran.append("generation") or gpu_check.Row(gpu_check.SUITE_ROWS, "generation", params={}, metrics={}), None))
+    monkeypatch.setattr(gpu_check, "run_rows", run_rows)
+    rows, _ = gpu_check.run(settings)
+    assert ran == ["lora fp16", "fine-tune", "generation", "lora fused*", "lora compile*", "fine-tune fused*"]
+    assert [row.name for row in rows] == ran
