@@ -220,10 +220,23 @@ def proc_status_mib(field_name: str) -> Optional[float]:
     return proc_status_fields_mib((field_name,))[field_name]
 
 
+def _record_rss_peak() -> None:
+    """Make the kernel store the current RSS as the peak if it is higher. Linux keeps the peak
+    (`hiwater_rss`) only when memory is unmapped; a VmHWM read between shows max(stored peak,
+    current RSS), so after RSS fell without an unmap (pages dropped by madvise or reclaim) a later
+    read could be lower than an earlier one. Unmapping one page stores it first."""
+    import mmap
+
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    page.close()
+
+
 def proc_status_fields_mib(field_names: Sequence[str]) -> dict[str, Optional[float]]:
     """Several memory fields of one read of /proc/self/status, in MiB (None where missing): the
     kernel computes them together, so VmHWM >= VmRSS holds between them, not between two reads."""
     found: dict[str, Optional[float]] = dict.fromkeys(field_names)
+    if "VmHWM" in found:
+        _record_rss_peak()
     try:
         with open("/proc/self/status", encoding="utf-8") as status:
             for line in status:
