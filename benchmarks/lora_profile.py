@@ -288,9 +288,11 @@ class Floor:
         self.fixed_states: Any = None
 
     def _states(self, carry_grad: bool) -> Any:
+        from library import model_util
+
         torch = self.torch
         if not carry_grad:
-            if next(self.text_encoder.parameters()).is_meta:
+            if model_util.weights_released(self.text_encoder):
                 # the run freed the encoder after caching its outputs: states of the same shape
                 # (values do not change the U-Net's time)
                 shape = (*self.input_ids.shape, self.text_encoder.config.hidden_size)
@@ -402,7 +404,7 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
     import torch
 
     import train_network
-    from library import train_core, train_util
+    from library import model_util, train_core, train_util
 
     profile = Profile()
     trace = RssTrace() if rss_trace else None
@@ -425,7 +427,7 @@ def profile_run(argv: Sequence[str], with_floor: bool, torch_profile_steps: int 
                 hw = (int(reso[1]) // 8, int(reso[0]) // 8)
                 floor = floor_holder["floor"] = Floor(ctx, self.network, hw, args.train_batch_size)
             for both, times in ((True, profile.floor_both), (False, profile.floor_unet)):
-                if both and next(ctx.models.text_encoder.parameters()).is_meta:
+                if both and model_util.weights_released(ctx.models.text_encoder):
                     continue  # the run freed the text encoder after caching its outputs: U-Net floor only
                 step = _labelled(FLOOR_LABELS[both], floor.step) if torch_profile_steps else floor.step
                 times.append(step(with_text_encoder=both))

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import proc_status_fields_mib, proc_status_mib, reset_peak_rss  # noqa: E402
-from library import stage_timer, text_encoding, train_core, train_util  # noqa: E402
+from library import model_util, stage_timer, text_encoding, train_core, train_util  # noqa: E402
 
 MIB = 1024 * 1024
 FLOORS = ("none", "unet_te", "unet", "both")
@@ -124,7 +124,7 @@ def floor_step_times(ctx: train_core.TrainContext, through_text_encoder: bool, s
     disable_te_checkpointing = getattr(text_encoder, "gradient_checkpointing_disable", None)
     if disable_te_checkpointing is not None:
         disable_te_checkpointing()
-    if through_text_encoder and next(text_encoder.parameters()).is_meta:
+    if through_text_encoder and model_util.weights_released(text_encoder):
         raise RuntimeError("the run freed the text encoder after caching its outputs: there is no U-Net + text "
                            "encoder floor to time in this process (use the floor 'unet')")
     latents, captions = _floor_batch(ctx)
@@ -139,7 +139,7 @@ def floor_step_times(ctx: train_core.TrainContext, through_text_encoder: bool, s
     fixed_states = None
     if not through_text_encoder:
         cache = ctx.accelerator.unwrap_model(ctx.step_module)._encode_text
-        if next(text_encoder.parameters()).is_meta:  # freed after caching: the run's own cached states
+        if model_util.weights_released(text_encoder):  # freed after caching: the run's own cached states
             fixed_states = cache(captions)
         else:
             with torch.no_grad():

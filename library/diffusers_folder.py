@@ -98,8 +98,7 @@ def _text_encoder(folder: Path, dtype: torch.dtype, fp8: bool) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    _read_config(folder)  # a clear error for a broken file
-    config = CLIPTextConfig.from_json_file(str(folder / "config.json"))
+    config = CLIPTextConfig(**_read_config(folder))  # what from_json_file does, with a clear error
     with init_empty_weights():
         text_encoder = CLIPTextModel(config)
     return _read_weights(text_encoder, folder / TEXT_ENCODER_WEIGHTS, dtype, fp8, "text encoder")

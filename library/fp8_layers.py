@@ -63,6 +63,9 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> None:
     """`model.to(dtype)` that leaves fp8-stored weights as they are (and records the new compute dtype)."""
+    if not any(is_fp8(p) for p in model.parameters()):
+        model.to(dtype=dtype)  # the model's own cast (diffusers' ModelMixin hooks included)
+        return
     for module in model.modules():
         for store in (module._parameters, module._buffers):
             for name, tensor in store.items():

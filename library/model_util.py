@@ -230,10 +230,7 @@ def finish_model(model: torch.nn.Module, dtype: torch.dtype, device: str | torch
     """The loaded model in `dtype` on `device` (moved only where needed), in eval mode."""
     tensors = [*model.parameters(), *model.buffers()]
     if any(t.is_floating_point() and t.dtype != dtype and not fp8_layers.is_fp8(t) for t in tensors):
-        if any(fp8_layers.is_fp8(t) for t in tensors):
-            fp8_layers.cast_model(model, dtype)  # model.to(dtype) would cast the fp8 weights too
-        else:
-            model.to(dtype=dtype)
+        fp8_layers.cast_model(model, dtype)  # model.to(dtype), leaving weights stored in fp8
     if any(t.device != torch.device(device) for t in tensors):
         model.to(device=device)
     model.eval()
@@ -245,6 +242,11 @@ def release_weights(model: torch.nn.Module) -> torch.nn.Module:
     config, module tree, dtype and shapes stay (e.g. `vae.config.scaling_factor` still works)."""
     model.to("meta")
     return model
+
+
+def weights_released(model: torch.nn.Module) -> bool:
+    """True once `release_weights` freed the model's weights (they are on the meta device)."""
+    return next(model.parameters()).is_meta
 
 
 def return_freed_memory() -> None:
@@ -283,15 +285,18 @@ def error_with_path(err: UserError, path: Path) -> UserError:
 
 def _mapping_getter(
     ldm: LdmFile, links: list[sd_keys.KeyLink], read: Callable[[str], torch.Tensor], dtype: torch.dtype,
-    maps: Callable[[sd_keys.KeyLink], bool],
+    maps: Callable[[sd_keys.KeyLink], bool], key_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> Callable[[str], torch.Tensor]:
     """`read`, except for the tensors of the links `maps` picks that are stored whole and already
-    in `dtype`: those come as copy-on-write mappings of the file (`LdmFile.get_mapped`), so no
-    copy is made and a page becomes resident when a computation first reads it. Tensors that are
-    split or cast are read: mapping them would leave the source pages resident beside the copy."""
+    in the dtype they load in (`key_dtypes[model_key]`, else `dtype`): those come as copy-on-write
+    mappings of the file (`LdmFile.get_mapped`), so no copy is made and a page becomes resident
+    when a computation first reads it. Tensors that are split or cast (to fp8, say) are read:
+    mapping them would leave the source pages resident beside the copy."""
+    key_dtypes = key_dtypes or {}
     mapped = {
         link.ldm_key for link in links
-        if link.chunk is None and maps(link) and link.ldm_key in ldm and ldm.dtype(link.ldm_key) == dtype
+        if link.chunk is None and maps(link) and link.ldm_key in ldm
+        and ldm.dtype(link.ldm_key) == key_dtypes.get(link.model_key, dtype)
     }
     if not mapped:
         return read
@@ -325,13 +330,11 @@ def _unet_from_ldm(
     key_dtypes = _fp8_key_dtypes(unet, fp8)
 
     def maps(link: sd_keys.KeyLink) -> bool:
-        if link.model_key in key_dtypes:
-            return False  # cast to fp8: read, or its source pages would stay resident beside it
         if mapping == "exact":
             return weight_mapping.maps_exactly(link.model_key, levels, latent_side)
         return mapping == "all"
 
-    get = _mapping_getter(ldm, links, ldm.get, dtype, maps)
+    get = _mapping_getter(ldm, links, ldm.get, dtype, maps, key_dtypes)
     weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped, key_dtypes=key_dtypes)
     assign_weights(unet, weights, ldm.path, "UNet")
     return unet
@@ -384,9 +387,8 @@ def _text_encoder_from_ldm(
     get = _mapping_getter(
         ldm, links, get, dtype,
         # the encoder sees 77 tokens per sample, never one row: mapping all of it is exact too
-        lambda link: link.model_key not in key_dtypes and (
-            mapping != "none" or (map_token_embedding and link.model_key.endswith("token_embedding.weight"))
-        ),
+        lambda link: mapping != "none" or (map_token_embedding and link.model_key.endswith("token_embedding.weight")),
+        key_dtypes,
     )
     weights = sd_keys.ldm_to_model(links, get, shapes, str(ldm.path), dtype, copy=ldm.mapped, key_dtypes=key_dtypes)
     assign_weights(text_encoder, weights, ldm.path, "text encoder")

@@ -123,10 +123,7 @@ def _place(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype])
 
     model.to(device)
     if dtype is not None and fp8_layers.compute_dtype(model) != dtype:
-        if any(fp8_layers.is_fp8(p) for p in model.parameters()):
-            fp8_layers.cast_model(model, dtype)
-        else:
-            model.to(dtype=dtype)
+        fp8_layers.cast_model(model, dtype)
 
 
 def _noise_scheduler(args: argparse.Namespace, device: torch.device) -> Any:
