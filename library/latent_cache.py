@@ -120,6 +120,16 @@ def noise_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def image_noise_key(array: np.ndarray) -> str:
+    """The noise key of a bucket-sized image: its shape and a digest of its pixels.
+
+    Keyed by content, not by path, so that a dataset trains the same wherever it lies (a moved
+    folder, another drive, Windows or Linux) and in whatever order its images are cached.
+    """
+    pixels = np.ascontiguousarray(array)
+    return "x".join(str(n) for n in pixels.shape) + ":" + hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
 def sample_latents(vae: torch.nn.Module, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
     """`vae.encode(images).latent_dist.sample()` with one seeded noise draw per image; float32 on CPU."""
     param = next(vae.parameters())
@@ -176,7 +186,7 @@ def cache_latents(
     for batch in tqdm(batches, desc="caching latents", smoothing=1):
         arrays = [prepare_image(info) for info, _ in batch]
         images = torch.stack([to_model_tensor(a) for a in arrays])
-        keys = [info.absolute_path for info, _ in batch]
+        keys = [image_noise_key(a) for a in arrays]
         latents = sample_latents(vae, images, [noise_seed(seed, k) for k in keys])
         flipped: list[torch.Tensor | None] = [None] * len(batch)
         if any(flip for _, flip in batch):

@@ -45,12 +45,12 @@ def _fresh_latents(vae: torch.nn.Module, group: config_util.DatasetGroup, path: 
     dataset = group.datasets[0]
     info = dataset.image_data[path]
     image = dataset.prepare_image(info)
+    key = latent_cache.image_noise_key(image) + (":flip" if flip else "")
     if flip:
         image = image[:, ::-1]
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None] / 127.5 - 1
     with torch.no_grad():
         dist = vae.encode(tensor).latent_dist
-    key = path + (":flip" if flip else "")
     noise = torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(latent_cache.noise_seed(group.seed, key)))
     return dist.mean[0] + dist.std[0] * noise
 
@@ -83,6 +83,26 @@ def test_memory_cache_equals_fresh_latents(train: Path, tiny_models_v1: tuple) -
     other.cache_latents(vae, vae_batch_size=1)
     for key, info in group.datasets[0].image_data.items():
         assert torch.allclose(info.latents, other.datasets[0].image_data[key].latents, atol=1e-5)
+
+
+def test_cached_latents_do_not_depend_on_where_the_dataset_lies(tmp_path: Path, tiny_models_v1: tuple) -> None:
+    """The VAE sample's noise is keyed by the image, so a moved (or renamed) folder caches the
+    same latents; different images, and an image and its flip, still get different noise."""
+    vae = tiny_models_v1[1]
+    latents = []
+    for folder in ("a", "a_much_longer_folder_name/nested"):
+        root = tmp_path / folder
+        make_dreambooth_folder(root, "2_x", [(64, 64), (96, 64), (64, 128)], ["a", "b", "c"])
+        group = _group(root, flip_aug=True)
+        group.cache_latents(vae, vae_batch_size=2)
+        infos = sorted(group.datasets[0].image_data.values(), key=lambda info: Path(info.absolute_path).name)
+        latents.append([(info.latents, info.latents_flipped) for info in infos])
+    for (plain, flipped), (plain_moved, flipped_moved) in zip(*latents):
+        assert torch.equal(plain, plain_moved) and torch.equal(flipped, flipped_moved)
+        # a flip's noise is its own: the flipped latents are not the plain ones mirrored
+        assert not torch.allclose(flipped, plain.flip(-1), atol=1e-3)
+    keys = {latent_cache.image_noise_key(np.full((8, 8, 3), v, np.uint8)) for v in (0, 1)}
+    assert len(keys) == 2 and latent_cache.image_noise_key(np.zeros((8, 4, 3), np.uint8)) not in keys
 
 
 def test_disk_cache_reused_and_invalidated(train: Path, tiny_models_v1: tuple) -> None:
