@@ -127,7 +127,7 @@ def image_noise_key(array: np.ndarray) -> str:
     folder, another drive, Windows or Linux) and in whatever order its images are cached.
     """
     pixels = np.ascontiguousarray(array)
-    return "x".join(str(n) for n in pixels.shape) + ":" + hashlib.sha256(pixels.tobytes()).hexdigest()
+    return "x".join(str(n) for n in pixels.shape) + ":" + hashlib.sha256(pixels).hexdigest()
 
 
 def sample_latents(vae: torch.nn.Module, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
