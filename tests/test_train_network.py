@@ -115,6 +115,22 @@ def test_no_metadata_and_pt_format(workspace, tmp_path):
     assert any(k.startswith("lora_te_") for k in state) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
+@pytest.mark.parametrize("caching", [[], ["--cache_latents", "--flip_aug"], ["--cache_latents_to_disk"]])
+def test_a_moved_dataset_trains_the_same(workspace, tmp_path, caching):
+    """The same images and model in another folder (another path length) give the same LoRA,
+    whether latents are encoded per step, cached in memory or cached on disk."""
+    weights = []
+    for place in ("a", "a_much_longer_place/with/more/levels"):
+        root = tmp_path / place
+        img = th.make_image_folder(root, count=2, repeats=2)
+        out = root / "out"
+        th.run_train(th.base_argv(workspace["model"], img, out, "--max_train_steps", "3", *caching))
+        weights.append(load_file(str(out / "lora.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
 def test_network_weights_continue_exactly(workspace, tmp_path):
     first = tmp_path / "first"
     th.run_train(th.base_argv(workspace["model"], workspace["img"], first, "--max_train_steps", "2"))
