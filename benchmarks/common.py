@@ -220,23 +220,20 @@ def proc_status_mib(field_name: str) -> Optional[float]:
     return proc_status_fields_mib((field_name,))[field_name]
 
 
-def _record_rss_peak() -> None:
-    """Make the kernel store the current RSS as the peak if it is higher. Linux keeps the peak
-    (`hiwater_rss`) only when memory is unmapped; a VmHWM read between shows max(stored peak,
-    current RSS), so after RSS fell without an unmap (pages dropped by madvise or reclaim) a later
-    read could be lower than an earlier one. Unmapping one page stores it first."""
-    import mmap
-
-    page = mmap.mmap(-1, mmap.PAGESIZE)
-    page.close()
+# The highest VmHWM this process read since its peak was last reset. The kernel stores its peak
+# (`hiwater_rss`) only when RSS is about to fall, and from per-CPU counters that can lag the exact
+# sum /proc shows as the current RSS; a VmHWM read is max(stored peak, current RSS), so a later read
+# can be a few pages below an earlier one (seen in CI: 32 KiB). Every read is a true lower bound of
+# the peak, so the peak reported is the highest one seen.
+_highest_peak_read_mib = 0.0
 
 
 def proc_status_fields_mib(field_names: Sequence[str]) -> dict[str, Optional[float]]:
     """Several memory fields of one read of /proc/self/status, in MiB (None where missing): the
-    kernel computes them together, so VmHWM >= VmRSS holds between them, not between two reads."""
+    kernel computes them together, so VmHWM >= VmRSS holds between them. VmHWM is the highest read
+    since the last `reset_peak_rss`, so it never falls between reads."""
+    global _highest_peak_read_mib
     found: dict[str, Optional[float]] = dict.fromkeys(field_names)
-    if "VmHWM" in found:
-        _record_rss_peak()
     try:
         with open("/proc/self/status", encoding="utf-8") as status:
             for line in status:
@@ -245,15 +242,20 @@ def proc_status_fields_mib(field_names: Sequence[str]) -> dict[str, Optional[flo
                     found[name] = int(line.split()[1]) / 1024
     except OSError:
         pass
+    if found.get("VmHWM") is not None:
+        _highest_peak_read_mib = max(_highest_peak_read_mib, found["VmHWM"])
+        found["VmHWM"] = _highest_peak_read_mib
     return found
 
 
 def reset_peak_rss() -> bool:
     """Start this process's VmHWM again from its current RSS (Linux >= 4.0: write 5 to
     /proc/self/clear_refs); False where the kernel does not allow it."""
+    global _highest_peak_read_mib
     try:
         with open("/proc/self/clear_refs", "w", encoding="utf-8") as refs:
             refs.write("5")
+        _highest_peak_read_mib = 0.0
         return True
     except OSError:
         return False

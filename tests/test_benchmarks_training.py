@@ -120,3 +120,34 @@ def test_stage_timer_writes_what_the_env_var_asks(tmp_path, monkeypatch):
     monkeypatch.delenv(stage_timer.ENV_VAR)
     stage_timer.mark("loading")
     assert stage_timer.finish() is None  # nothing written unless asked
+
+
+def test_peak_rss_reads_never_fall_until_reset(monkeypatch):
+    """The kernel's VmHWM can read a few pages below an earlier read (its stored peak lags the
+    exact RSS /proc shows); the benchmarks report the highest read since the last reset."""
+    import builtins
+    import io
+
+    from benchmarks import common
+
+    real_open = builtins.open
+    status = {"VmHWM": 0, "VmRSS": 0}
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) == "/proc/self/status":
+            return io.StringIO("".join(f"{name}:\t{kb} kB\n" for name, kb in status.items()))
+        if str(path) == "/proc/self/clear_refs":
+            return io.StringIO()
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(common, "_highest_peak_read_mib", 0.0)
+    readings = []
+    for hwm_kb, rss_kb in ((471_824, 471_824), (471_792, 400_000), (480_000, 480_000)):
+        status.update(VmHWM=hwm_kb, VmRSS=rss_kb)
+        readings.append(common.proc_status_fields_mib(("VmRSS", "VmHWM")))
+    assert [r["VmHWM"] for r in readings] == [471_824 / 1024, 471_824 / 1024, 480_000 / 1024]
+    assert [r["VmRSS"] for r in readings] == [471_824 / 1024, 400_000 / 1024, 480_000 / 1024]
+    assert common.reset_peak_rss()
+    status.update(VmHWM=300_000, VmRSS=300_000)
+    assert common.proc_status_mib("VmHWM") == 300_000 / 1024  # the peak starts again after a reset
