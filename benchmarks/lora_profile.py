@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import proc_status_fields_mib, proc_status_mib, reset_peak_rss  # noqa: E402
+from benchmarks.common import proc_status_fields_mib, reset_peak_rss  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +52,6 @@ WARMUP_STEPS = 2
 
 
 # --- memory of this process ---------------------------------------------------------------
-def rss_mib() -> Optional[float]:
-    return proc_status_mib("VmRSS")
-
-
-def peak_mib() -> Optional[float]:
-    return proc_status_mib("VmHWM")
-
-
-reset_peak = reset_peak_rss
-
-
 @dataclass
 class Stage:
     name: str
@@ -87,12 +76,14 @@ class Profile:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        self.peak_resets = reset_peak()
+        self.peak_resets = reset_peak_rss()
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.stages.append(Stage(name, time.perf_counter() - start, rss_mib(), peak_mib()))
+            # one read: the kernel shows VmHWM >= VmRSS within a read, not across two
+            memory = proc_status_fields_mib(("VmRSS", "VmHWM"))
+            self.stages.append(Stage(name, time.perf_counter() - start, memory["VmRSS"], memory["VmHWM"]))
 
     def add(self, part: str, seconds: float) -> None:
         self.step_parts.setdefault(part, []).append(seconds)
