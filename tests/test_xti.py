@@ -176,8 +176,9 @@ def test_xti_training_end_to_end(workspace, tmp_path):
     wrapped = xti.load_xti_embedding(models.tokenizer, models.text_encoder, models.unet, "mychar", blocks, str(path))
     request = sampling.parse_prompt_line("mychar mychar1 on grass --w 64 --h 64 --d 3 --s 3 --l 2")
     (image,) = sampling.generate_images(models.unet, models.vae, wrapped, models.tokenizer, request)
-    # the freshly loaded models hold their weights at other addresses than the run's, and this
-    # CPU's kernels may round a last bit differently for it: a pixel may move by one level
+    # the freshly loaded models hold their weights at other addresses than the run's; MKL (torch's
+    # BLAS here) orders a product's sums by the arrays' alignment (Intel's reproducibility notes),
+    # so a last bit may round differently: a pixel may move by one level. Exact in a lone run.
     reproduced = np.abs(np.asarray(Image.open(sample)).astype(int) - np.asarray(image).astype(int))
     assert reproduced.max() <= 1 and (reproduced > 0).mean() < 1e-3, (reproduced.max(), (reproduced > 0).sum())
     xti.remove_xti_processors(models.unet)
