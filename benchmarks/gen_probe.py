@@ -61,7 +61,7 @@ def side_by_side(ckpt: str, outdir: Path, size: int, steps: int, images: int, pr
     if precision in ("fp16", "bf16"):
         flags.append(f"--{precision}")
     args = gen_args.parse_args(flags)
-    generator = gen_img.load_generator(args)
+    generator = gen_img.load_generator(args, [(size, size)])  # as gen_img_diffusers.py maps for this size
     defaults = JobDefaults(
         width=args.W, height=args.H, steps=args.steps, scale=args.scale, sampler=args.sampler,
         negative_scale=args.negative_scale, strength=args.strength, images_per_prompt=1,

@@ -223,7 +223,9 @@ def child_side_by_side(opts: argparse.Namespace) -> dict[str, Any]:
     outdir = Path(opts.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    generator = gen_img.load_generator(gen_args.parse_args(gen_flags(Path(opts.ckpt), outdir, opts.size, opts.steps)))
+    flags = gen_flags(Path(opts.ckpt), outdir, opts.size, opts.steps)
+    # the weights mapped as gen_img_diffusers.py maps them for this size
+    generator = gen_img.load_generator(gen_args.parse_args(flags), [(opts.size, opts.size)])
     ours_load = time.perf_counter() - started
     started = time.perf_counter()
     pipe = _load_diffusers(opts.diffusers)

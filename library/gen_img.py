@@ -16,17 +16,19 @@ from typing import Any, Iterable, Sequence, TextIO
 import torch
 from PIL import Image
 
-from library import gen_args, gen_regional
+from library import gen_args, gen_regional, weight_mapping
 from library.errors import UserError
 from library.gen_jobs import (
     ImageJob,
     JobDefaults,
     SeedSource,
     batches,
+    highres_first_size,
     image_sources,
     jobs_for_line,
     open_image,
     parse_line,
+    planned_sizes,
     read_prompt_file,
 )
 from library.control_net import ControlNetSpec
@@ -137,9 +139,7 @@ class Generator:
             return images
 
         # highres fix: a small 1st stage, upscaled, then img2img at the requested size
-        scale = self.args.highres_fix_scale
-        width_1st = max(8, int(first.width * scale + 0.5) // 8 * 8)
-        height_1st = max(8, int(first.height * scale + 0.5) // 8 * 8)
+        width_1st, height_1st = highres_first_size(first.width, first.height, self.args.highres_fix_scale)
         latents = self.batch_latents(
             jobs, width_1st, height_1st, self.args.highres_fix_steps, strength, init, None, f"{desc} (1st stage)"
         )
@@ -243,12 +243,19 @@ def _set_attention(args: argparse.Namespace, unet) -> None:
         unet.to(memory_format=torch.channels_last)
 
 
-def load_generator(args: argparse.Namespace) -> Generator:
-    """Load the model, its networks and embeddings as the flags say."""
+def load_generator(args: argparse.Namespace, sizes: Sequence[tuple[int, int]] | None = None) -> Generator:
+    """Load the model, its networks and embeddings as the flags say.
+
+    `sizes`: every (width, height) the run will generate at, where known. The frozen text encoder
+    and the U-Net layers that give bit-identical results at those sizes when mapped from a
+    `.safetensors` file (`weight_mapping`) are mapped, not copied; unknown sizes map no U-Net layer.
+    Writes into mapped weights (`--network_merge`) go to private pages, never to the file.
+    """
     dtype, device = _dtype(args), _device()
     loaded = load_target_model(
         args.ckpt, v2=args.v2 or None, v_parameterization=args.v_parameterization, vae=args.vae,
         dtype=dtype, device=device, tokenizer_cache_dir=args.tokenizer_cache_dir,
+        map_frozen_weights="exact", smallest_latent_side=weight_mapping.smallest_latent_side(sizes or []),
     )
     for model in (loaded.unet, loaded.vae, loaded.text_encoder):
         model.eval().requires_grad_(False)
@@ -300,12 +307,14 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None) -> list[Path]:
         lines = read_prompt_file(args.from_file)
     elif args.prompt is not None:
         lines = [args.prompt]
-    generator = load_generator(args)
-    generator.guide_images = [open_image(path, "RGB") for path in sources.guides]
     defaults = JobDefaults(
         width=args.W, height=args.H, steps=args.steps, scale=args.scale, sampler=args.sampler,
         negative_scale=args.negative_scale, strength=args.strength, images_per_prompt=args.images_per_prompt,
     )
+    # interactive lines come later: their sizes are not known at loading
+    sizes = planned_sizes(lines, defaults, bool(sources.init), args.highres_fix_scale) if lines else None
+    generator = load_generator(args, sizes)
+    generator.guide_images = [open_image(path, "RGB") for path in sources.guides]
     seeds = SeedSource(args.seed, args.iter_same_seed)
     if args.interactive and not lines:
         if stdin is None:

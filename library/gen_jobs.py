@@ -264,11 +264,35 @@ def jobs_for_line(
 
 
 def _multiple_of_8(value: int) -> int:
-    if value % 8:
-        rounded = max(8, value - value % 8)
+    rounded = max(8, value - value % 8)
+    if rounded != value:
         logger.warning("image size %d is not divisible by 8; using %d", value, rounded)
-        return rounded
-    return value
+    return rounded
+
+
+def highres_first_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The 1st stage's size of a highres-fix image: `scale` of the final size, a multiple of 8."""
+    return max(8, int(width * scale + 0.5) // 8 * 8), max(8, int(height * scale + 0.5) // 8 * 8)
+
+
+def planned_sizes(
+    lines: Iterable[str], defaults: JobDefaults, has_init_images: bool, highres_fix_scale: float | None
+) -> list[tuple[int, int]] | None:
+    """Every (width, height) the U-Net will run at for these lines, known before any image is
+    opened; None where an init image's own size may decide one (then any size is possible)."""
+    sizes = []
+    for text in lines:
+        line = parse_line(text)
+        if line is None:
+            continue
+        width, height = line.width or defaults.width, line.height or defaults.height
+        if has_init_images and not (width and height):
+            return None
+        size = (max(8, (width or DEFAULT_SIZE) // 8 * 8), max(8, (height or DEFAULT_SIZE) // 8 * 8))
+        sizes.append(size)
+        if highres_fix_scale is not None:
+            sizes.append(highres_first_size(*size, highres_fix_scale))
+    return sizes
 
 
 def batches(jobs: Iterable[ImageJob], batch_size: int) -> Iterator[list[ImageJob]]:

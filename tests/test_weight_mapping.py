@@ -1,6 +1,7 @@
-"""The LoRA run's default mapping of frozen weights (`library/weight_mapping.py`): everything but
-the layers that can become matrix-vector products is mapped from the file, and training gives
-bit-identical results to reading every weight, even when the file's data is misaligned."""
+"""The default mapping of frozen weights (`library/weight_mapping.py`) by the LoRA run and the
+generator: everything but the layers that can become matrix-vector products is mapped from the
+file, and training and generation give bit-identical results to reading every weight, even when
+the file's data is misaligned."""
 from __future__ import annotations
 
 import sys
@@ -148,3 +149,85 @@ def test_default_lora_run_trains_bit_identically_to_reading_every_weight(misalig
     )
     if same:  # this CPU's vector kernels ignore alignment: the run above proved nothing
         pytest.skip("mapping every weight unaligned changed nothing on this CPU")
+
+
+def _random_lora(model, path):
+    """A LoRA of U-Net and text encoder with random up weights (a visible change)."""
+    from lora_helpers import randomize_up
+    from networks import lora
+
+    models = model_util.load_target_model(model)
+    torch.manual_seed(0)
+    network = lora.create_network(1.0, 4, 4, models.vae, models.text_encoder, models.unet)
+    randomize_up(network, std=0.3)
+    network.save_weights(path, None, {"ss_network_module": "networks.lora", "ss_network_dim": "4"})
+    return path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_generator_maps_what_stays_exact_and_draws_what_reading_draws(misaligned, tmp_path, monkeypatch):
+    import numpy as np
+
+    from gen_helpers import generate_pixels
+    from library import gen_img
+
+    model = misaligned["model"]
+    file, original = str(model.resolve()), model.read_bytes()
+    lora_flags = ["--network_module", "networks.lora", "--network_weights", str(_random_lora(model, tmp_path / "l.safetensors"))]
+    runs = {"plain": [], "lora": lora_flags, "merged": [*lora_flags, "--network_merge"]}
+    mapped: dict[str, set[str]] = {}
+    load_generator = gen_img.load_generator
+
+    def recording(args, sizes=None):
+        generator = load_generator(args, sizes)
+        models = generator.models
+        mapped[args.outdir] = {
+            f"{part}.{n}" for part, model_part in (("unet", models.unet), ("te", models.text_encoder))
+            for n, p in model_part.named_parameters() if th.mapping_of(p) == file
+        }
+        return generator
+
+    monkeypatch.setattr(gen_img, "load_generator", recording)
+    drawn = {name: generate_pixels(model, tmp_path / name, *flags, size=64) for name, flags in runs.items()}
+    load_target_model = gen_img.load_target_model
+    monkeypatch.setattr(gen_img, "load_target_model", lambda *a, **k: load_target_model(*a, **{**k, "map_frozen_weights": "none"}))
+    read = {name: generate_pixels(model, tmp_path / f"read_{name}", *flags, size=64) for name, flags in runs.items()}
+
+    for name in runs:
+        assert np.array_equal(drawn[name], read[name]), name
+        assert not mapped[str(tmp_path / f"read_{name}")]
+    assert not np.array_equal(drawn["plain"], drawn["lora"])  # the LoRA acts, merged or not
+    assert np.abs(drawn["merged"] - drawn["lora"]).max() <= 1
+    # at 64 px (latent 8) the 1x1 deepest level and the per-sample layers are read, the rest mapped
+    unet_mapped = {n[len("unet."):] for n in mapped[str(tmp_path / "plain")] if n.startswith("unet.")}
+    keys = [n for n, _ in model_util.load_target_model(model).unet.named_parameters()]
+    assert unet_mapped == {k for k in keys if weight_mapping.maps_exactly(k, LEVELS, 8)}
+    assert any(n.startswith("te.") for n in mapped[str(tmp_path / "plain")])
+    assert model.read_bytes() == original  # merging into mapped weights wrote private pages only
+
+
+def test_generator_sizes_known_before_loading(tmp_path):
+    from library.gen_jobs import JobDefaults, planned_sizes
+
+    defaults = JobDefaults(None, None, 20, 7.5, "ddim", None, None, 1)
+    lines = ["a cat --w 768 --h 512", "", "a dog --w 65", "a bird"]
+    assert planned_sizes(lines, defaults, False, None) == [(768, 512), (64, 512), (512, 512)]
+    assert planned_sizes(lines[:1], defaults, False, 0.5) == [(768, 512), (384, 256)]  # highres 1st stage
+    # an init image decides the size where neither the line nor --W / --H does
+    assert planned_sizes(lines, defaults, True, None) is None
+    assert planned_sizes(lines[:1], defaults, True, None) == [(768, 512)]
+    assert planned_sizes(["a cat"], JobDefaults(96, 64, 20, 7.5, "ddim", None, None, 1), True, None) == [(96, 64)]
+    # the 1st stage of a 64 px image at 1/4 is 16 px: latent side 2, so only the per-sample layers are read
+    assert weight_mapping.smallest_latent_side(planned_sizes(["a dog --w 64 --h 64"], defaults, False, 0.25)) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_generator_of_unknown_sizes_maps_no_unet_layer(misaligned, tmp_path):
+    from library import gen_args, gen_img
+
+    model = misaligned["model"]
+    file = str(model.resolve())
+    args = gen_args.parse_args(["--ckpt", str(model), "--outdir", str(tmp_path), "--interactive"])
+    generator = gen_img.load_generator(args)  # interactive: the sizes come later
+    assert not any(th.mapping_of(p) == file for p in generator.models.unet.parameters())
+    assert any(th.mapping_of(p) == file for p in generator.models.text_encoder.parameters())  # 77 tokens: exact
