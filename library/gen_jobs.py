@@ -263,8 +263,13 @@ def jobs_for_line(
     return jobs
 
 
+def _round_to_8(value: int) -> int:
+    """An image side as the U-Net takes it: down to a multiple of 8, at least 8."""
+    return value if value % 8 == 0 else max(8, value - value % 8)
+
+
 def _multiple_of_8(value: int) -> int:
-    rounded = max(8, value - value % 8)
+    rounded = _round_to_8(value)
     if rounded != value:
         logger.warning("image size %d is not divisible by 8; using %d", value, rounded)
     return rounded
@@ -288,7 +293,7 @@ def planned_sizes(
         width, height = line.width or defaults.width, line.height or defaults.height
         if has_init_images and not (width and height):
             return None
-        size = (max(8, (width or DEFAULT_SIZE) // 8 * 8), max(8, (height or DEFAULT_SIZE) // 8 * 8))
+        size = (_round_to_8(width or DEFAULT_SIZE), _round_to_8(height or DEFAULT_SIZE))
         sizes.append(size)
         if highres_fix_scale is not None:
             sizes.append(highres_first_size(*size, highres_fix_scale))
